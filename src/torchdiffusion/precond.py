@@ -1,0 +1,118 @@
+"""Preconditioning: wrap a raw network into the one contract of the library, a denoiser D(x, sigma) -> x0.
+
+Input x is in VE coordinates, x = x0 + sigma * n. Following Karras et al. 2022 (EDM, Table 1), the wrapper is
+
+    D(x, sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x, c_noise(sigma))
+
+where c_in and c_noise come from the schedule (how its networks see inputs and time) and c_skip, c_out
+from what the network predicts:
+
+    prediction  c_skip                        c_out                            F predicts
+    eps         1                             -sigma                           the noise n
+    x0          0                             1                                x0
+    v           1 / (1 + sigma^2)             -sigma / sqrt(1 + sigma^2)       v = alpha n - s x0 (VP)
+    velocity    1 / (1 + sigma)               -sigma / (1 + sigma)             u = n - x0 (rectified flow)
+    edm         sd^2 / (sigma^2 + sd^2)       sigma sd / sqrt(sigma^2 + sd^2)  EDM's F
+
+with alpha = 1/sqrt(1 + sigma^2), s = sigma/sqrt(1 + sigma^2) and sd = sigma_data.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from .schedules import Schedule
+from .utils import append_dims, check_choice
+
+PREDICTIONS = ("eps", "x0", "v", "velocity", "edm")
+
+
+class Denoiser(Protocol):
+    """The contract: x (N, ...) in VE coordinates, sigma (N,) float -> estimate of x0, same shape as x."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor: ...
+
+
+def skip_out_coefficients(prediction: str, sigma: torch.Tensor, sigma_data: float = 0.5):
+    """(c_skip, c_out) for a prediction type, as in the table of this module's docstring."""
+    check_choice("prediction", prediction, PREDICTIONS)
+    one = torch.ones_like(sigma)
+    if prediction == "eps":
+        return one, -sigma
+    if prediction == "x0":
+        return torch.zeros_like(sigma), one
+    if prediction == "v":
+        return 1 / (1 + sigma**2), -sigma / torch.sqrt(1 + sigma**2)
+    if prediction == "velocity":
+        return 1 / (1 + sigma), -sigma / (1 + sigma)
+    sd2 = sigma_data**2
+    return sd2 / (sigma**2 + sd2), sigma * sigma_data / torch.sqrt(sigma**2 + sd2)
+
+
+# ------------------------------------------------------------------------- exact parameter conversions
+def x0_from(prediction: str, out: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5):
+    """x0 from a network output `out` of the given prediction type; `x` in VE coordinates."""
+    c_skip, c_out = skip_out_coefficients(prediction, sigma, sigma_data)
+    return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * out
+
+
+def x0_to(prediction: str, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5):
+    """The network output of the given prediction type that corresponds to `x0` (inverse of :func:`x0_from`)."""
+    c_skip, c_out = skip_out_coefficients(prediction, sigma, sigma_data)
+    return (x0 - append_dims(c_skip, x.ndim) * x) / append_dims(c_out, x.ndim)
+
+
+def convert(out: torch.Tensor, src: str, dst: str, x: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5):
+    """Convert a prediction between parameterizations (eps <-> x0 <-> v <-> velocity <-> edm), exactly."""
+    return x0_to(dst, x0_from(src, out, x, sigma, sigma_data), x, sigma, sigma_data)
+
+
+class Precond(nn.Module):
+    """Wrap `net(x_in, t, **cond)` into a denoiser. `schedule` fixes c_in and c_noise, `prediction` c_skip/c_out."""
+
+    def __init__(
+        self,
+        net: nn.Module,                 # raw network F(x_in, t, **cond) -> tensor shaped like x_in
+        schedule: Schedule,             # time and input conventions the network was trained under
+        prediction: str = "eps",        # what F predicts: eps, x0, v, velocity or edm
+    ):
+        super().__init__()
+        check_choice("prediction", prediction, PREDICTIONS)
+        self.net = net
+        self.schedule = schedule
+        self.prediction = prediction
+        self.sigma_data = float(getattr(schedule, "sigma_data", 0.5))
+
+    def coefficients(self, sigma: torch.Tensor):
+        """(c_skip, c_out, c_in, c_noise), each of shape (N,), float32."""
+        s = sigma.to(torch.float32)
+        c_skip, c_out = skip_out_coefficients(self.prediction, s, self.sigma_data)
+        c_in = self.schedule.input_scale(s).to(torch.float32)
+        c_noise = self.schedule.net_time(s).to(torch.float32)
+        return c_skip, c_out, c_in, c_noise
+
+    def out_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """|c_out|: an error in x0 divided by this is the error in the network's own output space."""
+        return self.coefficients(sigma)[1].abs()
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+            raise ValueError(f"sigma must have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        xf = x.to(torch.float32)
+        out = self.net(append_dims(c_in, x.ndim) * xf, c_noise, **cond).to(torch.float32)
+        if out.shape != x.shape:
+            raise ValueError(f"network returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        return append_dims(c_skip, x.ndim) * xf + append_dims(c_out, x.ndim) * out
+
+
+def denoiser_from_eps(eps_fn: Callable, schedule: Schedule) -> Precond:
+    """Convenience: wrap a plain function eps(x_in, t) as a denoiser (for tests and quick experiments)."""
+
+    class _Fn(nn.Module):
+        def forward(self, x, t, **cond):
+            return eps_fn(x, t, **cond)
+
+    return Precond(_Fn(), schedule, "eps")
