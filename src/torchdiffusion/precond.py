@@ -116,3 +116,39 @@ def denoiser_from_eps(eps_fn: Callable, schedule: Schedule) -> Precond:
             return eps_fn(x, t, **cond)
 
     return Precond(_Fn(), schedule, "eps")
+
+
+class DenoiserTransform(nn.Module):
+    """Base of denoiser -> denoiser transforms (clamping, conditioning, guidance): keeps `schedule` visible."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.inner.schedule
+
+
+class ClampX0(DenoiserTransform):
+    """Clip the predicted x0 to the data range [lo, hi] (DDPM's clip_denoised for pixel-space models)."""
+
+    def __init__(self, inner, lo: float = -1.0, hi: float = 1.0):
+        super().__init__(inner)
+        if not lo < hi:
+            raise ValueError(f"need lo < hi, got {lo}, {hi}")
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x, sigma, **cond):
+        return self.inner(x, sigma, **cond).clamp(self.lo, self.hi)
+
+
+class Conditioned(DenoiserTransform):
+    """Bind conditioning arguments (e.g. class_labels) so samplers see a plain D(x, sigma)."""
+
+    def __init__(self, inner, **cond):
+        super().__init__(inner)
+        self.cond = cond
+
+    def forward(self, x, sigma, **cond):
+        return self.inner(x, sigma, **{**self.cond, **cond})

@@ -17,6 +17,16 @@ from ..utils import append_dims, check_choice, rand, randn
 TOY_DATASETS = ("moons", "swissroll", "8gaussians", "checkerboard", "ring")
 
 
+def _per_sample(sigma, n: int) -> torch.Tensor:
+    """A float, a 0-d tensor, or n values (e.g. (n,) or (n, 1, 1, 1)) -> a (n,) tensor."""
+    s = sigma if isinstance(sigma, torch.Tensor) else torch.as_tensor(sigma, dtype=torch.float64)
+    if s.ndim > 0 and s.numel() == n:
+        return s.reshape(n)
+    if s.numel() != 1:
+        raise ValueError(f"sigma must be a scalar or have {n} values, got shape {tuple(s.shape)}")
+    return s.reshape(()).expand(n)
+
+
 class GaussianMixture(nn.Module):
     """Isotropic Gaussian mixture; calling it is the exact denoiser D(x, sigma) -> E[x0 | x]."""
 
@@ -63,19 +73,19 @@ class GaussianMixture(nn.Module):
         """Per-component log w_k N(x; mu_k, v_k I) with v_k = s_k^2 + sigma^2, shape (N, K), and v (N, K)."""
         x = x.to(torch.float64).flatten(1)
         var = self.stds[None, :] ** 2 + sigma.to(torch.float64)[:, None] ** 2       # (N, K)
-        d2 = torch.cdist(x, self.means) ** 2                                           # (N, K)
+        d2 = torch.cdist(x, self.means, compute_mode="donot_use_mm_for_euclid_dist") ** 2  # (N, K), exact
         logp = torch.log(self.weights)[None] - 0.5 * d2 / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
         return logp, var
 
     def log_prob(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
         """Exact log-density of the marginal at level sigma, shape (N,)."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).expand(x.shape[0])
+        sigma = _per_sample(sigma, x.shape[0]).to(torch.float64)
         logp, _ = self._log_resp(x, sigma)
         return torch.logsumexp(logp, 1)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, **_) -> torch.Tensor:
         """Exact denoiser E[x0 | x_sigma = x]; with class_labels (N,), the denoiser of that component alone."""
-        sigma = torch.as_tensor(sigma).expand(x.shape[0])
+        sigma = _per_sample(sigma, x.shape[0])
         logp, var = self._log_resp(x, sigma)
         if class_labels is not None:
             mask = torch.full_like(logp, -math.inf)
@@ -91,8 +101,9 @@ class GaussianMixture(nn.Module):
 
     def score(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2."""
-        sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0])
-        return (self(x, sigma) - x) / append_dims(sigma, x.ndim) ** 2
+        sigma = _per_sample(sigma, x.shape[0]).to(torch.float64)
+        xd = x.to(torch.float64)  # in float64: D(x) - x cancels at small sigma
+        return ((self(xd, sigma) - xd) / append_dims(sigma, x.ndim) ** 2).to(x.dtype)
 
 
 def gaussian(mean, std, dim: int | None = None) -> GaussianMixture:
@@ -113,8 +124,8 @@ def ring_mixture(n_modes: int = 8, radius: float = 1.0, std: float = 0.05) -> Ga
 
 def random_mixture(dim: int = 64, n_modes: int = 16, *, seed: int = 0, spread: float = 1.0,
                    std_range=(0.05, 0.3)) -> GaussianMixture:
-    """A reproducible random mixture in `dim` dimensions: means ~ N(0, spread^2 / dim I)*sqrt(dim), random
-    stds and weights."""
+    """A reproducible random mixture in `dim` dimensions: means ~ N(0, spread^2 I), stds uniform in
+    `std_range`, weights uniform in [0.5, 1.5) before normalisation."""
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(n_modes, dim, generator=g, dtype=torch.float64) * spread
     lo, hi = std_range
@@ -145,3 +156,33 @@ def make_toy(name: str, n: int, *, generator=None, noise: float = 0.05) -> torch
         x2 = v - 2.0 * (u < 0.5) + torch.floor(x1) % 2
         pts = torch.stack([x1, x2], 1)
     return pts.float()
+
+
+class ToyDataset:
+    """In-memory 2-D points, float32 (N, 2), with the same ``batch`` API as the image datasets."""
+
+    def __init__(self, data: torch.Tensor, *, name: str = ""):
+        data = torch.as_tensor(data, dtype=torch.float32)
+        if data.ndim != 2:
+            raise ValueError(f"toy data must have shape (N, dim), got {tuple(data.shape)}")
+        self.data = data
+        self.labels = None
+        self.num_classes = 0
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self.data.shape[1:])
+
+    def __repr__(self) -> str:
+        return f"ToyDataset(name={self.name!r}, n={len(self)}, dim={self.data.shape[1]})"
+
+    def batch(self, indices, *, generator=None, flip: bool = False, device=None):
+        """(float32 (B, dim), None). Flips are not defined for point data."""
+        if flip:
+            raise ValueError("flip=True is only meaningful for images, not for 2-D toy data")
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return self.data[idx].to(device), None

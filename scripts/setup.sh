@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install torchdiffusion with its test dependencies into it.
+# Set TORCHDIFFUSION_TORCH to choose the torch requirement (default: torch==2.13.0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.torchdiffusion-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing dependencies into .venv (first run only)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/python -m pip install -q "${TORCHDIFFUSION_TORCH:-torch==2.13.0}"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  touch "$stamp"
+fi

@@ -1,0 +1,217 @@
+"""Run configuration: one dataclass per component, loaded from YAML, every field overridable as key=value.
+
+A hyperparameter lives in exactly one dataclass field; the YAML presets and the command line are derived from
+these dataclasses (unknown keys are an error that lists the valid ones).
+"""
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .nets import MLPConfig, UNetConfig
+from .objectives import ObjectiveConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"          # mnist, a folder of images, an .npz file, or a 2-D toy set name
+    image_size: int | None = None   # resize images to this size (None: keep)
+    subset: int | None = None       # train on a fixed random subset of N examples
+    flip: bool = False              # random horizontal flips (never for digits)
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"        # linear, cosine, sigmoid (discrete), vp, edm or rf
+    T: int = 1000                   # steps of a discrete schedule
+    prediction: str = "eps"         # what the network predicts: eps, x0, v, velocity or edm
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "unet"              # unet or mlp
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000               # optimizer steps in total
+    batch_size: int = 128           # examples per optimizer step
+    lr: float = 2e-3                # peak learning rate of AdamW
+    weight_decay: float = 0.0       # AdamW decoupled weight decay
+    adam_betas: tuple = (0.9, 0.99)  # AdamW (beta1, beta2)
+    warmup_steps: int = 100         # linear warm-up from 0 to lr
+    lr_schedule: str = "cosine"     # cosine (to min_lr_ratio * lr) or constant after warm-up
+    min_lr_ratio: float = 0.05      # final learning rate as a fraction of lr
+    grad_clip: float = 1.0          # max global gradient norm (0: off)
+    ema_decay: float = 0.999        # EMA of the weights; effective decay min(this, (1+k)/(10+k))
+    precision: str = "fp32"         # fp32 or bf16 (autocast, fp32 master weights)
+    channels_last: bool = False     # channels-last memory format for images
+    seed: int = 0                   # seed of data order, noise and initialisation
+    threads: int = 0                # torch CPU threads (0: leave torch's default)
+    log_every: int = 25             # steps between logged scalars
+    sample_every: int = 500         # steps between sample grids (0: off)
+    ckpt_every: int = 500           # steps between checkpoints (0: only at the end)
+    max_minutes: float = 0.0        # stop cleanly with a checkpoint after this wall time (0: no limit)
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"           # a name in torchdiffusion.sampling.SAMPLERS
+    steps: int = 50                 # sampler steps
+    spacing: str = "uniform"        # sigma spacing, see torchdiffusion.sampling.SPACINGS
+    n: int = 64                     # samples to draw
+    batch_size: int = 256           # samples per denoiser batch
+    seed: int = 0                   # sample i uses a generator seeded from (seed, i)
+    use_ema: bool = True            # sample with the EMA weights
+    clip_x0: bool = True            # clip predicted x0 to [-1, 1] for images (DDPM's clip_denoised)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"               # run name; outputs go to out_dir/name
+    out_dir: str = "outputs"        # folder of runs
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+def _coerce(value, typ, where: str):
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, inner, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(" or ".join(errors))
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {sorted(f.name for f in dataclasses.fields(typ))}")
+        return from_dict(typ, value, where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if typ is tuple or origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def from_dict(cls, d: dict, where: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys raise ConfigError listing the valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (d or {}).items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; valid keys{' under ' + repr(where) if where else ''}: "
+                              f"{', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+
+    def fix(o):
+        if isinstance(o, dict):
+            return {k: fix(v) for k, v in o.items()}
+        if isinstance(o, tuple):
+            return [fix(v) for v in o]
+        return o
+
+    return fix(d)
+
+
+def set_by_path(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = d.get(k)
+        if node is None:
+            node = d[k] = {}
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted!r}: {k!r} is not a section")
+        d = node
+    d[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.steps=500")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v) if v.strip() else None))
+    return out
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then a preset name or YAML file, then key=value overrides."""
+    d: dict = {}
+    if config is not None:
+        path = Path(config)
+        if not path.suffix and (PRESET_DIR / f"{config}.yaml").exists():
+            path = PRESET_DIR / f"{config}.yaml"
+        if not path.exists():
+            raise ConfigError(f"config {config!r} is neither a file nor a preset; presets: {', '.join(presets())}")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse {path}: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must contain a mapping at the top level")
+    for key, value in parse_overrides(overrides or []):
+        set_by_path(d, key, value)
+    return from_dict(RunConfig, d)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,110 @@
+"""Training objectives on the denoiser contract: `objective(denoiser, x0, cond) -> loss`.
+
+Every objective draws a noise level sigma from the schedule and noise n, forms x = x0 + sigma n, and asks the
+denoiser for D(x, sigma) ~ x0. The error is measured in the space of what the wrapped network predicts:
+for a :class:`~torchdiffusion.precond.Precond` with c_out(sigma), the network-output error is exactly
+(D - x0) / |c_out| (eps: (D - x0)/sigma = eps_hat - eps, DDPM's L_simple; x0: D - x0; v: ...), so L2 in that
+space is a sigma-dependent weight on the x0 error, and L1 / Huber are applied to the same scaled error.
+
+Weightings (multiplying the per-sample loss in the network-output space):
+
+* ``uniform``: 1, i.e. DDPM's L_simple for eps-prediction (Ho et al. 2020, eq. 14).
+* ``min_snr``: the x0-space weight min(SNR, gamma) of Hang et al. 2023, i.e. min(SNR, gamma) * |c_out|^2 here
+  (for eps-prediction min(SNR, gamma) / SNR, for v-prediction min(SNR, gamma) / (SNR + 1)).
+* ``vlb``: the weight that makes the L2 loss the variational bound term L_{t-1} per dimension:
+  KL(q(x_s|x_t,x0) || p(x_s|x_t)) = (SNR(s) - SNR(t)) / 2 * ||x0 - D||^2 (Kingma et al. 2021, eq. 13, which
+  equals DDPM's beta_t^2 / (2 beta~_t alpha_t (1 - alpha_bar_t)) ||eps - eps_hat||^2), times T so that the
+  expectation over uniform t is the sum over terms. At the first step (s = 0) the term is the decoder's,
+  and the weight of the second step is used instead (as Improved DDPM clips beta-tilde there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .schedules import DiscreteSchedule, Schedule, VPSchedule
+from .utils import append_dims, check_choice, randn_like
+
+LOSSES = ("l2", "l1", "huber")
+WEIGHTINGS = ("uniform", "min_snr", "vlb")
+
+
+@dataclass
+class ObjectiveConfig:
+    loss: str = "l2"                # l2, l1 or huber, applied in the network's output space
+    weighting: str = "uniform"      # uniform (L_simple), min_snr or vlb
+    min_snr_gamma: float = 5.0      # gamma of min-SNR weighting
+    huber_delta: float = 1.0        # transition point of the Huber loss
+
+
+class DiffusionObjective:
+    """Denoising score matching loss; call as ``objective(denoiser, x0, cond, generator=None)``."""
+
+    def __init__(self, schedule: Schedule, cfg: ObjectiveConfig | None = None, **kwargs):
+        cfg = cfg or ObjectiveConfig(**kwargs)
+        check_choice("loss", cfg.loss, LOSSES)
+        check_choice("weighting", cfg.weighting, WEIGHTINGS)
+        if cfg.weighting == "vlb" and not isinstance(schedule, (DiscreteSchedule, VPSchedule)):
+            raise ValueError("weighting 'vlb' needs a schedule that samples t uniformly: "
+                             "a discrete schedule (linear, cosine, sigmoid) or 'vp'")
+        if cfg.min_snr_gamma <= 0 or cfg.huber_delta <= 0:
+            raise ValueError("min_snr_gamma and huber_delta must be positive")
+        self.schedule = schedule
+        self.cfg = cfg
+
+    # ---------------------------------------------------------------------------------------- weights
+    def vlb_weight_x0(self, sigma: torch.Tensor) -> torch.Tensor:
+        """x0-space weight (SNR(s) - SNR(t)) / 2 * (number of terms), s the next smaller level."""
+        sch = self.schedule
+        t = sch.sigma_to_t(sigma.double())
+        if isinstance(sch, DiscreteSchedule):
+            t = torch.where(t < 0.5, torch.ones_like(t), t)  # first step: use the second step's weight
+            t_prev = t - 1
+            n_terms, dt = sch.T, 1.0
+        else:  # continuous VP: derivative of SNR times the length of the time interval
+            dt = 1e-4
+            t_prev = (t - dt).clamp(min=sch.eps_t / 2)
+            dt_eff = t - t_prev
+            snr = lambda tt: 1 / sch.t_to_sigma(tt) ** 2
+            return ((snr(t_prev) - snr(t)) / 2 / dt_eff * (1 - sch.eps_t)).float()
+        snr_t = 1 / sch.t_to_sigma(t) ** 2
+        snr_s = 1 / sch.t_to_sigma(t_prev) ** 2
+        return ((snr_s - snr_t) / 2 * n_terms / dt).float()
+
+    def weight(self, sigma: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight of the network-output-space loss, shape (N,)."""
+        w = self.cfg.weighting
+        if w == "uniform":
+            return torch.ones_like(sigma)
+        if w == "min_snr":
+            snr = 1 / sigma**2
+            return snr.clamp(max=self.cfg.min_snr_gamma) * out_scale**2
+        return self.vlb_weight_x0(sigma) * out_scale**2
+
+    def elementwise(self, err: torch.Tensor) -> torch.Tensor:
+        if self.cfg.loss == "l2":
+            return err**2
+        if self.cfg.loss == "l1":
+            return err.abs()
+        return F.huber_loss(err, torch.zeros_like(err), reduction="none", delta=self.cfg.huber_delta)
+
+    # --------------------------------------------------------------------------------------------- loss
+    def per_sample(self, denoiser, x0: torch.Tensor, cond: dict | None = None, *, generator=None,
+                   sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted loss per sample (N,). `sigma` and `noise` may be given (tests); else they are drawn."""
+        n = x0.shape[0]
+        if sigma is None:
+            sigma = self.schedule.sample_sigmas(n, generator=generator, device=x0.device)
+        if noise is None:
+            noise = randn_like(x0, generator=generator)
+        x = x0 + append_dims(sigma, x0.ndim) * noise
+        denoised = denoiser(x, sigma, **(cond or {}))
+        out_scale = denoiser.out_scale(sigma) if hasattr(denoiser, "out_scale") else torch.ones_like(sigma)
+        err = (denoised - x0) / append_dims(out_scale, x0.ndim)
+        per = self.elementwise(err).flatten(1).mean(1)
+        return per * self.weight(sigma, out_scale)
+
+    def __call__(self, denoiser, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
+        return self.per_sample(denoiser, x0, cond, generator=generator).mean()

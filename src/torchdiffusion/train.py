@@ -1,0 +1,341 @@
+"""The trainer: AdamW, warm-up + cosine learning rate, gradient clipping, EMA, mixed precision, checkpoints.
+
+It holds no diffusion math: each step is ``loss = objective(denoiser, x0, cond)``. A run lives in
+``out_dir/name``: ``config.yaml``, ``checkpoints/{last,best}.safetensors``, ``samples/``, ``logs/`` (JSON lines
+and a TensorBoard event file) and ``loss_curve.png``. Starting a run whose folder holds a last checkpoint
+of the same configuration continues it exactly: same data order, same random streams, same weights as a run
+that was never interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from .config import RunConfig, dump_config, to_dict
+from .data import EpochSampler, make_dataset
+from .pipeline import build_denoiser, build_objective, generate, net_input_shape, num_classes, sample_kwargs
+from .tracking import ScalarWriter, read_metrics
+from .utils import check_choice, hash_seed
+from . import viz
+
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "constant")
+# fields that may change between a run and its continuation; every other field must match
+RESUMABLE_CHANGES = {"name", "out_dir", "sample", "train.steps", "train.max_minutes", "train.log_every",
+                     "train.sample_every", "train.ckpt_every", "train.threads"}
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers.
+
+    decay_k = min(decay, (1 + k) / (10 + k)) at update k, so early averages are not dominated by the random
+    initialisation. Updated in place with one fused foreach lerp per call.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    def _pairs(self, model: nn.Module):
+        src = [t for t in model.state_dict().values() if t.is_floating_point()]
+        dst = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        return dst, src
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        dst, src = self._pairs(model)
+        torch._foreach_lerp_(dst, src, 1.0 - d)
+        self.updates += 1
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr_ratio * lr (or constant)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _flat_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    """Keys whose values differ and that a continuation may not change."""
+    fa, fb = _flat_config(a), _flat_config(b)
+    diffs = []
+    for k in sorted(set(fa) | set(fb)):
+        if fa.get(k) != fb.get(k) and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES):
+            diffs.append(f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}")
+    return diffs
+
+
+class Trainer:
+    """Train the configured model on the configured data. `fit()` runs to cfg.train.steps (or max_minutes)."""
+
+    def __init__(self, cfg: RunConfig, *, dataset=None, resume: bool = True, progress: bool | None = None,
+                 log_lines: bool = False, device: str | torch.device = "cpu"):
+        t = cfg.train
+        check_choice("train.precision", t.precision, PRECISIONS)
+        check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+        for name in ("steps", "batch_size"):
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1, got {getattr(t, name)}")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.log_lines = log_lines  # without a progress bar, print a status line every 15 s
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+
+        self.data = dataset if dataset is not None else make_dataset(
+            cfg.data.dataset, split="train", image_size=cfg.data.image_size, subset=cfg.data.subset)
+        self._check_data_matches_model()
+        self.val = self._validation_batch()
+
+        torch.manual_seed(hash_seed(t.seed, 0))  # initialisation
+        self.denoiser = build_denoiser(cfg).to(self.device)
+        self.net = self.denoiser.net
+        if t.channels_last and self.is_image:
+            self.net.to(memory_format=torch.channels_last)
+        self.objective = build_objective(cfg, self.denoiser.schedule)
+        self.ema = EMA(self.net, t.ema_decay)
+        self.ema_denoiser = build_denoiser(cfg, self.ema.model)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+                                     weight_decay=t.weight_decay, foreach=True)
+        self.sampler = EpochSampler(len(self.data), t.batch_size, seed=hash_seed(t.seed, 1))
+        self.gen_noise = torch.Generator().manual_seed(hash_seed(t.seed, 2))
+        self.gen_aug = torch.Generator().manual_seed(hash_seed(t.seed, 3))
+        torch.manual_seed(hash_seed(t.seed, 4))  # dropout stream
+        self.step = 0
+        self.best_val = math.inf
+        self.resumed_from = None
+        if resume and (self.ckpt_dir / "last.safetensors").exists():
+            self._resume(self.ckpt_dir / "last.safetensors")
+
+    # ------------------------------------------------------------------------------------------ setup
+    @property
+    def is_image(self) -> bool:
+        return self.cfg.model.kind == "unet"
+
+    def _check_data_matches_model(self) -> None:
+        want = net_input_shape(self.cfg)
+        got = tuple(self.data.sample_shape)
+        if want != got:
+            hint = ("set model.unet.image_size / model.unet.in_channels, or data.image_size to resize"
+                    if self.is_image else "set model.mlp.dim")
+            raise ValueError(f"the data {self.cfg.data.dataset!r} has examples of shape {got} but the network "
+                             f"expects {want}: {hint}")
+        nc = num_classes(self.cfg)
+        if nc is not None and getattr(self.data, "labels", None) is None:
+            raise ValueError(f"the model is class-conditional ({nc} classes) but the data has no labels")
+
+    def _validation_batch(self):
+        """A fixed batch with fixed noise levels and noise: the loss on it picks the best checkpoint."""
+        n = min(256, len(self.data))
+        idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(12345))[:n]
+        x0, y = self.data.batch(idx)
+        g = torch.Generator().manual_seed(54321)
+        sigma = self.denoiser_schedule().sample_sigmas(n, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        return x0, y, sigma, noise
+
+    def denoiser_schedule(self):
+        from .pipeline import build_schedule
+
+        return build_schedule(self.cfg)
+
+    def _cond(self, y):
+        return {"class_labels": y} if num_classes(self.cfg) is not None else {}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _save(self, name: str, extra: dict | None = None) -> Path:
+        opt_tensors, opt_meta = optimizer_to_flat(self.opt)
+        meta = {
+            "config": to_dict(self.cfg),
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "optimizer": opt_meta,
+            "best_val": None if math.isinf(self.best_val) else self.best_val,
+            "ema_updates": self.ema.updates,
+            "data_shape": list(self.data.sample_shape),
+            **(extra or {}),
+        }
+        rng = {"torch": torch.get_rng_state(), "noise": self.gen_noise.get_state(), "aug": self.gen_aug.get_state()}
+        return save_checkpoint(self.ckpt_dir / f"{name}.safetensors", meta=meta, model=self.net.state_dict(),
+                               ema=self.ema.model.state_dict(), optim=opt_tensors, rng=rng)
+
+    def _resume(self, path: Path) -> None:
+        meta, groups = load_checkpoint(path)
+        diffs = config_differences(meta["config"], to_dict(self.cfg))
+        if diffs:
+            raise CheckpointError(
+                f"{self.run_dir} holds a run with a different configuration ({'; '.join(diffs[:6])}). "
+                "Choose another name=..., delete that folder, or pass --no-resume to start over in it.")
+        self.net.load_state_dict(groups["model"])
+        self.ema.model.load_state_dict(groups["ema"])
+        self.ema.updates = meta["ema_updates"]
+        self.opt.load_state_dict(optimizer_from_flat(groups["optim"], meta["optimizer"]))
+        self.sampler.load_state_dict(meta["sampler"])
+        torch.set_rng_state(groups["rng"]["torch"])
+        self.gen_noise.set_state(groups["rng"]["noise"])
+        self.gen_aug.set_state(groups["rng"]["aug"])
+        self.step = meta["step"]
+        self.best_val = math.inf if meta["best_val"] is None else meta["best_val"]
+        self.resumed_from = str(path)
+
+    # ----------------------------------------------------------------------------------------- pieces
+    def autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, indices) -> torch.Tensor:
+        t = self.cfg.train
+        x0, y = self.data.batch(indices, generator=self.gen_aug, flip=self.cfg.data.flip, device=self.device)
+        if t.channels_last and self.is_image:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, t)
+        with self.autocast():
+            loss = self.objective(self.denoiser, x0, self._cond(y), generator=self.gen_noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip, foreach=True)
+        self.opt.step()
+        self.ema.update(self.net)
+        self.step += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        x0, y, sigma, noise = self.val
+        per = self.objective.per_sample(self.ema_denoiser, x0.to(self.device), self._cond(y), sigma=sigma,
+                                        noise=noise.to(self.device))
+        return float(per.mean())
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path, n: int = 64) -> torch.Tensor:
+        s = self.cfg.sample
+        shape = tuple(self.data.sample_shape)
+        x = generate(self.ema_denoiser, shape, n=n, device=self.device, **sample_kwargs(s, shape))
+        if self.is_image:
+            viz.save_grid(x, path, nrow=int(math.sqrt(n)))
+        else:
+            ref, _ = self.data.batch(torch.arange(min(len(self.data), 2000)))
+            viz.scatter_2d(x, path, data=ref, title=f"step {self.step}")
+        return x
+
+    # ------------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.run_dir / "config.yaml")
+        log_dir = self.run_dir / "logs"
+        if self.resumed_from:  # drop scalars logged after the checkpoint we continue from
+            kept = [m for m in read_metrics(log_dir) if m["step"] <= self.step]
+            (log_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+        writer = ScalarWriter(log_dir)
+        start_step, t0 = self.step, time.time()
+        deadline = t0 + 60 * t.max_minutes if t.max_minutes > 0 else math.inf
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.cfg.name}", unit="step",
+                       dynamic_ncols=True)
+        loss_sum, loss_n, window_t, window_steps = torch.zeros(()), 0, time.time(), 0
+        stopped_early, last_line = False, 0.0
+        try:
+            self.net.train()
+            while self.step < t.steps:
+                loss_sum += self.train_step(self.sampler.next_batch())
+                loss_n += 1
+                window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    now = time.time()
+                    loss = float(loss_sum) / loss_n
+                    ips = window_steps * t.batch_size / max(now - window_t, 1e-9)
+                    writer.add_scalars(self.step, {"loss": loss, "lr": self.opt.param_groups[0]["lr"],
+                                                   "images_per_s": ips})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+                    elif self.log_lines and now - last_line >= 15:
+                        print(f"step {self.step}/{t.steps}  loss {loss:.4f}  {ips:.0f} img/s  "
+                              f"{now - t0:.0f} s", file=sys.stderr, flush=True)
+                        last_line = now
+                    loss_sum.zero_()
+                    loss_n, window_t, window_steps = 0, now, 0
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self.net.eval()
+                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:07d}.png")
+                    self.net.train()
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+                    self.checkpoint(writer)
+                if time.time() > deadline:
+                    stopped_early = True
+                    break
+        except KeyboardInterrupt:
+            self.checkpoint(writer)
+            print(f"\ninterrupted at step {self.step}: saved {self.ckpt_dir / 'last.safetensors'}; "
+                  "run the same command again to continue", file=sys.stderr)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if stopped_early:
+            self.checkpoint(writer)
+        writer.close()
+        elapsed = time.time() - t0
+        metrics = read_metrics(log_dir)
+        if metrics:
+            viz.loss_curve(metrics, self.run_dir / "loss_curve.png")
+        steps_done = self.step - start_step
+        return {
+            "steps": self.step, "steps_this_run": steps_done, "seconds": elapsed,
+            "images_per_s": steps_done * t.batch_size / max(elapsed, 1e-9), "best_val": self.best_val,
+            "stopped_early": stopped_early, "run_dir": str(self.run_dir),
+        }
+
+    def checkpoint(self, writer: ScalarWriter | None = None) -> None:
+        """Validation loss with the EMA weights, then last (and best, if it improved) checkpoints."""
+        val = self.validation_loss()
+        if writer is not None:
+            writer.add_scalars(self.step, {"val_loss_ema": val})
+        if val < self.best_val:
+            self.best_val = val
+            self._save("best")
+        self._save("last")
+
+
+def train(cfg: RunConfig, **kwargs) -> dict:
+    return Trainer(cfg, **kwargs).fit()

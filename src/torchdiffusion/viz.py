@@ -1,0 +1,157 @@
+"""Pictures: sample grids, forward-noising and denoising strips, loss curves, 2-D scatter plots."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .utils import randn
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C)."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tile (N, C, H, W) images in [-1, 1] into one uint8 array (H', W', C)."""
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = arr[i]
+    return grid
+
+
+def save_image(arr: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+    return path
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 2) -> Path:
+    return save_image(make_grid(images, nrow), path, scale)
+
+
+def _to_view(x: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [-1, 1] -> an array imshow can draw (grey or RGB), clipped to the valid range."""
+    a = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
+
+
+def image_table(rows: Sequence[Sequence[torch.Tensor]], path: str | Path, *, col_titles=None, row_titles=None,
+                title: str = "", cell: float = 0.9) -> Path:
+    """A table of images with column and row captions (matplotlib), e.g. a noising or denoising strip."""
+    plt = _plt()
+    nr, nc = len(rows), len(rows[0])
+    fig, axes = plt.subplots(nr, nc, figsize=(cell * nc + 0.8, cell * nr + 0.6), dpi=110, squeeze=False)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            ax = axes[i][j]
+            ax.imshow(_to_view(img), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0 and col_titles is not None:
+                ax.set_title(col_titles[j], fontsize=7)
+            if j == 0 and row_titles is not None:
+                ax.set_ylabel(row_titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def forward_strip(x0: torch.Tensor, schedule, sigmas: Sequence[float], path: str | Path, *, generator=None,
+                  col_titles=None) -> Path:
+    """Rows: real images; columns: samples of q(x_t | x_0) at the given noise levels, shown as the network sees
+    them (VP scaling: sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps for a DDPM schedule)."""
+    noise = randn(x0.shape, generator=generator)
+    rows = []
+    for i in range(x0.shape[0]):
+        row = []
+        for s in sigmas:
+            s_t = torch.tensor(float(s))
+            row.append(schedule.input_scale(s_t) * (x0[i] + s_t * noise[i]))
+        rows.append(row)
+    titles = col_titles or [f"sigma={float(s):.3g}" for s in sigmas]
+    return image_table(rows, path, col_titles=titles, title="forward process q(x_t | x_0)")
+
+
+def trajectory_strip(xs: Sequence[torch.Tensor], x0s: Sequence[torch.Tensor], sigmas: Sequence[float],
+                     path: str | Path, *, schedule=None, col_titles=None) -> Path:
+    """Two rows per sample: the state x_t (as the network sees it) and the predicted x0 along the reverse process."""
+    rows, row_titles = [], []
+    for i in range(xs[0].shape[0]):
+        scale = [float(schedule.input_scale(torch.tensor(float(s)))) if schedule is not None
+                 else 1 / math.sqrt(1 + float(s) ** 2) for s in sigmas]
+        rows.append([x[i] * c for x, c in zip(xs, scale)])
+        rows.append([x0[i] for x0 in x0s])
+        row_titles += ["x_t", "predicted x0"]
+    titles = col_titles or [f"sigma={float(s):.3g}" for s in sigmas]
+    return image_table(rows, path, col_titles=titles, row_titles=row_titles, title="reverse process")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curve(metrics: list[dict], path: str | Path, key: str = "loss") -> Path:
+    """Plot a logged scalar against the step (raw points and a running mean), log-scaled loss axis."""
+    plt = _plt()
+    steps = np.array([m["step"] for m in metrics if key in m])
+    vals = np.array([m[key] for m in metrics if key in m])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    if len(vals):
+        ax.plot(steps, vals, lw=0.8, alpha=0.5, label=key)
+        k = max(1, len(vals) // 20)
+        if len(vals) > k:
+            smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, lw=1.8, label=f"running mean ({k})")
+        ax.set_yscale("log")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def scatter_2d(samples: torch.Tensor, path: str | Path, data: torch.Tensor | None = None, title: str = "") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=120)
+    if data is not None:
+        ax.scatter(*data[:, :2].T.cpu().numpy(), s=1, alpha=0.3, label="data", c="gray")
+    ax.scatter(*samples[:, :2].T.cpu().numpy(), s=1, alpha=0.5, label="samples", c="tab:blue")
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(markerscale=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

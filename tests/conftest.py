@@ -1,0 +1,18 @@
+"""Shared fixtures."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def mnist_path():
+    """MNIST prepared once per session in the user cache (downloads on the very first run, ~10-30 s)."""
+    from torchdiffusion.data import prepare_mnist
+
+    return prepare_mnist()
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """An empty cache directory used by cache_dir() for the duration of one test."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("TORCHDIFFUSION_CACHE", str(root))
+    return root

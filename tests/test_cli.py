@@ -1,0 +1,55 @@
+"""End to end through the console script: train, sample, and clear errors with a non-zero exit."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "torchdiffusion.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    r = run("train", "--config", "tiny", f"out_dir={out}", "train.steps=6", "train.ckpt_every=3")
+    assert r.returncode == 0, r.stderr
+    return out / "tiny"
+
+
+def test_train_then_sample(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "last.safetensors"
+    assert ckpt.exists() and (trained / "checkpoints" / "best.safetensors").exists()
+    assert (trained / "config.yaml").exists() and list((trained / "logs").glob("events.out.tfevents.*"))
+    r = run("sample", ckpt, "--n", 5, "--steps", 3, "--sampler", "ddpm", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    arr = np.load(tmp_path / "ddpm_3steps_seed0.npz")["images"]
+    assert arr.shape == (5, 28, 28, 1) and arr.dtype == np.uint8
+    img = Image.open(tmp_path / "ddpm_3steps_seed0.png")
+    assert img.size[0] > 28 * 2
+
+
+def test_errors_exit_nonzero_with_a_message(trained, tmp_path):
+    r = run("train", "--config", "tiny", "train.stepz=3")
+    assert r.returncode == 2 and "unknown config key 'train.stepz'" in r.stderr and "steps" in r.stderr
+    r = run("train", "--config", "tiny", f"data.dataset={tmp_path / 'nowhere'}", f"out_dir={tmp_path}")
+    assert r.returncode == 2 and "nowhere" in r.stderr
+    r = run("train", "--config", "tiny", "data.image_size=32", f"out_dir={tmp_path}")
+    assert r.returncode == 2 and "network expects (1, 28, 28)" in r.stderr
+    bad = tmp_path / "bad.safetensors"
+    raw = (trained / "checkpoints" / "last.safetensors").read_bytes()
+    bad.write_bytes(raw[: len(raw) - 100])
+    r = run("sample", bad)
+    assert r.returncode == 2 and "truncated or corrupted" in r.stderr
+    r = run("sample", trained / "checkpoints" / "last.safetensors", "--sampler", "nope", "--out", tmp_path)
+    assert r.returncode == 2 and "unknown sampler 'nope'" in r.stderr
+
+
+def test_malformed_dataset_file(tmp_path):
+    f = tmp_path / "data.npz"
+    np.savez(f, x=np.zeros((4, 5), dtype=np.float32))
+    r = run("train", "--config", "tiny", f"data.dataset={f}", f"out_dir={tmp_path}")
+    assert r.returncode == 2 and "data.npz" in r.stderr
