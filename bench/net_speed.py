@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -72,7 +73,8 @@ def main():
     rows = []
     header = f"{'preset':<12} {'params':>8} {'GFLOP/img':>9} {'batch':>5} {'dtype':>5} {'format':>13} {'img/s':>8}"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"load average before {os.getloadavg()[0]:.2f} (other processes on the cores slow every row)")
     print(header)
     print("-" * len(header))
     for preset in args.presets:
@@ -88,9 +90,10 @@ def main():
                     rows.append(row)
                     print(f"{preset:<12} {params / 1e6:>7.2f}M {gflop:>9.3f} {batch:>5} {row['dtype']:>5} "
                           f"{row['format']:>13} {ips:>8.1f}", flush=True)
+    print(f"load average after {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=2)
+            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), loadavg=os.getloadavg()[0], rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -209,8 +209,8 @@ class VPSchedule(Schedule):
         if not 0 < beta_min < beta_max:
             raise ValueError(f"need 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
         self.beta_min, self.beta_max, self.eps_t = beta_min, beta_max, eps_t
-        self.sigma_min = float(self.t_to_sigma(torch.tensor(eps_t)))
-        self.sigma_max = float(self.t_to_sigma(torch.tensor(1.0)))
+        self.sigma_min = float(self.t_to_sigma(torch.tensor(eps_t, dtype=torch.float64)))
+        self.sigma_max = float(self.t_to_sigma(torch.tensor(1.0, dtype=torch.float64)))
 
     def config(self):
         return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max, "eps_t": self.eps_t}
