@@ -97,3 +97,11 @@ def test_lr_schedule():
     assert lr_at(550, cfg) == pytest.approx(0.1 + 0.9 * 0.5)      # half way through the cosine
     assert lr_at(1000, cfg) == pytest.approx(0.1)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(100, 1000))
+
+
+def test_no_resume_keeps_the_earlier_run(tmp_path):
+    Trainer(toy_cfg(tmp_path, "train.steps=3"), progress=False).fit()
+    tr = Trainer(toy_cfg(tmp_path, "train.steps=3"), progress=False, resume=False)
+    assert tr.step == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("toy2d.")]
+    assert len(moved) == 1 and (moved[0] / "checkpoints" / "last.safetensors").exists()

@@ -110,12 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (continues the run in out_dir/name if one exists)")
     _add_config_args(t, None)
-    t.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
+    t.add_argument("--no-resume", action="store_true", help="start over (an earlier run in the same folder is moved aside, not deleted)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="train the MNIST demo and write pictures to outputs/demo")
     _add_config_args(d, "demo")
-    d.add_argument("--no-resume", action="store_true", help="start over even if outputs/demo has a checkpoint")
+    d.add_argument("--no-resume", action="store_true", help="start over (an earlier demo run is moved aside, not deleted)")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint: a grid PNG and an .npz")
@@ -142,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after options too
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:

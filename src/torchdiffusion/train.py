@@ -136,8 +136,13 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self.resumed_from = None
-        if resume and (self.ckpt_dir / "last.safetensors").exists():
-            self._resume(self.ckpt_dir / "last.safetensors")
+        if (self.ckpt_dir / "last.safetensors").exists():
+            if resume:
+                self._resume(self.ckpt_dir / "last.safetensors")
+            else:  # start over, but keep the earlier run: move it aside rather than overwrite it
+                aside = self.run_dir.with_name(f"{self.run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+                self.run_dir.rename(aside)
+                print(f"starting over: the earlier run in {self.run_dir} was moved to {aside}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------ setup
     @property

@@ -116,19 +116,25 @@ def sample_dpm_solver(denoiser, x, sigmas, *, generator=None, callback=None, ord
     return x
 
 
+def _fixed_order(opts, order):
+    if opts.get("order", order) != order:
+        raise ValueError(f"this sampler has order {order}; allowed values for order: {order}")
+    return {**opts, "order": order}
+
+
 def sample_dpm_solver_1(denoiser, x, sigmas, *, generator=None, callback=None, **opts):
     """DPM-Solver-1 (Lu et al. 2022a, eq. 3.7; = DDIM)."""
-    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, order=1, **opts)
+    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, **_fixed_order(opts, 1))
 
 
 def sample_dpm_solver_2(denoiser, x, sigmas, *, generator=None, callback=None, **opts):
     """DPM-Solver-2 (Lu et al. 2022a, Algorithm 1, r1 = 1/2)."""
-    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, order=2, **opts)
+    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, **_fixed_order(opts, 2))
 
 
 def sample_dpm_solver_3(denoiser, x, sigmas, *, generator=None, callback=None, **opts):
     """DPM-Solver-3 (Lu et al. 2022a, Algorithm 2, r1 = 1/3, r2 = 2/3)."""
-    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, order=3, **opts)
+    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, **_fixed_order(opts, 3))
 
 
 @torch.no_grad()
@@ -210,7 +216,7 @@ def dpmpp_3m_step(x, denoised, d1, d2, sigma, sigma_next, h1, h2):
     D2 = (g0 - g1) / (r0 + r1)
     phi2 = math.expm1(-h) / h + 1
     phi3 = phi2 / h - 0.5
-    return math.exp(-h) * x - math.expm1(-h) * denoised + phi2 * D1 - phi3 * D2
+    return math.exp(-h) * x - math.expm1(-h) * denoised + phi2 * D1 - 2 * phi3 * D2
 
 
 @torch.no_grad()

@@ -104,15 +104,16 @@ def sample_ode_reference(denoiser, x, sigmas, *, generator=None, callback=None, 
     Integrates float64, the batch flattened into one vector, segment by segment through `sigmas`; the last
     segment goes from the smallest positive sigma down to `sigma_end` (1e-5), then `final` (see
     :func:`final_step`) maps to sigma = 0. scipy controls the RMS error over the vector, so `chunk` (samples
-    per solve) keeps the control per sample tight: the default solves 256 samples at a time.
+    per solve, default all) can tighten the control per sample; on the benchmark mixtures one solve of 4000
+    samples at rtol = atol = 1e-10 agrees with 64-sample solves at 1e-11 to 2.4e-8 (max over samples).
     """
     from scipy.integrate import solve_ivp
 
     check_final(final)
     if method not in ("RK45", "DOP853", "Radau"):
         raise ValueError(f"unknown method {method!r}; allowed values: 'RK45', 'DOP853', 'Radau'")
-    chunk = chunk or 256
-    shape, dtype = x.shape, x.dtype
+    chunk = chunk or x.shape[0]
+    shape, dtype, device = x.shape, x.dtype, x.device
     sig = [float(s) for s in sigmas]
 
     def solve(xc, s0, s1):
@@ -139,4 +140,4 @@ def sample_ode_reference(denoiser, x, sigmas, *, generator=None, callback=None, 
             x = torch.cat([solve(x[j:j + chunk], s0, target) for j in range(0, shape[0], chunk)])
         if s1 == 0:
             x = final_step(x, denoiser(x, torch.full((shape[0],), target, dtype=torch.float32)).double(), final)
-    return x.to(dtype)
+    return x.to(device=device, dtype=dtype)

@@ -7,7 +7,8 @@ diffusion predictor of Song et al. 2021, eq. 47 / Algorithm 4) is
     x_next = x + (sigma^2 - sigma_next^2) score(x, sigma) + sqrt(sigma^2 - sigma_next^2) z,
 
 and the last step to 0 is x + sigma^2 score = D (no noise). The Langevin corrector (Algorithm 4/5) makes
-M steps x <- x + eps score + sqrt(2 eps) z at level sigma_next with eps = 2 (r ||z|| / ||score||)^2.
+M steps x <- x + eps score + sqrt(2 eps) z at level sigma_next with eps = 2 (r ||z|| / ||score||)^2
+(capped at 2 (r sigma_next)^2, see :func:`langevin_step`).
 """
 from __future__ import annotations
 
@@ -29,12 +30,17 @@ def euler_maruyama_step(x, denoised, sigma, sigma_next, noise):
     return x if sigma_next == 0 else x + ds2.sqrt() * noise
 
 
-def langevin_step(x, score, noise, snr):
+def langevin_step(x, score, noise, snr, sigma):
     """One Langevin corrector step (Song et al. 2021, Algorithm 4 lines 6-8), step size per sample
-    eps = 2 (snr ||z|| / ||score||)^2 (the paper uses batch-mean norms; per sample keeps batches independent)."""
+    eps = 2 (snr ||z|| / ||score||)^2, capped at 2 (snr sigma)^2.
+
+    The paper uses batch-mean norms; per-sample norms keep batches independent. In high dimension the ratio
+    ||z|| / ||score|| concentrates near sigma while the data is small against the noise; in low dimension it
+    is heavy-tailed (a sample near a mode has a tiny score), hence the cap at that value.
+    """
     zn = noise.flatten(1).norm(dim=1)
-    gn = score.flatten(1).norm(dim=1).clamp_min(1e-20)
-    eps = append_dims(2 * (snr * zn / gn) ** 2, x.ndim)
+    gn = score.flatten(1).norm(dim=1).clamp_min(1e-30)
+    eps = append_dims((2 * (snr * zn / gn) ** 2).clamp(max=2 * (snr * float(sigma)) ** 2), x.ndim)
     return x + eps * score + (2 * eps).sqrt() * noise
 
 
@@ -75,5 +81,5 @@ def sample_pc(denoiser, x, sigmas, *, generator=None, callback=None, snr=0.16, n
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
         for _ in range(int(n_corrector)):
             score = score_from(x, denoiser(x, expand_sigma(sigma_next, x)), sigma_next)
-            x = langevin_step(x, score, randn_like(x, generator=generator), snr)
+            x = langevin_step(x, score, randn_like(x, generator=generator), snr, sigma_next)
     return x

@@ -1,0 +1,41 @@
+"""Solver-specific checks: thresholding, optimized spacing, final steps, benchmark helpers."""
+import torch
+
+from torchdiffusion.data.toy import gaussian, ring_mixture
+from torchdiffusion.sampling import SAMPLERS, dynamic_threshold, final_step, get_sigmas
+from torchdiffusion.sampling.benchmark import CountingDenoiser, sliced_w2, steps_for
+from torchdiffusion.sampling.sigmas import OPTIMIZED_RAMPS
+from torchdiffusion.schedules import EDMSchedule
+
+
+def test_dynamic_threshold_bounds_and_identity():
+    x = torch.tensor([[0.5, -0.2, 0.9], [3.0, -4.0, 0.1]])
+    y = dynamic_threshold(x, 0.9)
+    assert torch.equal(y[0], x[0])               # s = max(1, q) = 1 and |x| <= 1: unchanged
+    assert y[1].abs().max() <= 1.0 + 1e-6
+
+
+def test_optimized_spacing_and_counted_nfe():
+    sch = EDMSchedule()
+    mix = ring_mixture(8, 1.0, 0.05)
+    for steps in OPTIMIZED_RAMPS:
+        sig = get_sigmas(sch, steps, "optimized")
+        assert len(sig) == steps + 1 and sig[0] == 80 and sig[-1] == 0 and (sig[:-1] > sig[1:]).all()
+    den = CountingDenoiser(mix)
+    SAMPLERS["dpmpp_3m"](den, torch.randn(8, 2) * 80, get_sigmas(sch, 5, "optimized"), final="heun0")
+    assert den.calls == 5
+
+
+def test_heun0_final_step_is_second_order_on_gaussian():
+    s, sigma = 0.5, 0.05
+    g = gaussian(0.0, s, dim=1)
+    x = torch.tensor([[1.0]], dtype=torch.float64)
+    exact = x * s / (s**2 + sigma**2) ** 0.5
+    d = g(x, torch.tensor([sigma]))
+    assert (final_step(x, d, "heun0") - exact).abs() < 0.1 * (final_step(x, d, "denoise") - exact).abs()
+
+
+def test_sliced_w2_and_steps_for():
+    a = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
+    assert sliced_w2(a, a) == 0 and abs(sliced_w2(a, a + 1.0) - 1.0) < 0.1  # E[(u.1)^2] = |1|^2 / 3 = 1
+    assert steps_for(lambda s: 2 * s - 1, 10) == 5 and steps_for(lambda s: 3 * s + 1, 2) is None
