@@ -14,7 +14,7 @@ from torchdiffusion.data.toy import GaussianMixture, gaussian
 from torchdiffusion.sampling import get_sigmas
 from torchdiffusion.sampling.core import (ddim_step, ddpm_step, euler_step, expand_sigma, posterior_variance,
                                           sample_ddim, sample_ddpm, sample_euler, to_d)
-from torchdiffusion.sampling.sigmas import SPACINGS
+from torchdiffusion.sampling.sigmas import OPTIMIZED_RAMPS, SPACINGS
 from torchdiffusion.schedules import DISCRETE_SCHEDULES, get_schedule
 from torchdiffusion.utils import randn, sample_generators
 
@@ -94,6 +94,10 @@ def test_gaussian_denoiser_closed_form_and_tweedie():
 @pytest.mark.parametrize("steps", [1, 10, 37])
 def test_get_sigmas_shape_and_order(name, spacing, steps):
     sch = get_schedule(name, 1000) if name in DISCRETE_SCHEDULES else get_schedule(name)
+    if spacing == "optimized" and steps not in OPTIMIZED_RAMPS:  # tuned schedules exist for a few step counts
+        with pytest.raises(ValueError, match="no optimized schedule"):
+            get_sigmas(sch, steps, spacing)
+        steps = sorted(OPTIMIZED_RAMPS)[0]
     if spacing in ("leading", "trailing") and name not in DISCRETE_SCHEDULES:
         with pytest.raises(ValueError, match="discrete schedule"):
             get_sigmas(sch, steps, spacing)
