@@ -1,5 +1,16 @@
 """Shared fixtures."""
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The tests run many small ops: one intra-op thread is as fast and does not stall when other jobs share
+    the cores (restored after the session)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -18,14 +18,6 @@ TS = (1000, 50)
 DISCRETE = [(name, T) for name in DISCRETE_SCHEDULES for T in TS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The Monte Carlo chains run many small ops; one intra-op thread avoids contention (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(params=DISCRETE, ids=[f"{n}-{T}" for n, T in DISCRETE])
 def disc(request):

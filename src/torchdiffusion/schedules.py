@@ -136,6 +136,7 @@ class DiscreteSchedule(Schedule):
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
         self.sigmas = alpha_bar_to_sigma(self.alpha_bar)          # (T,) increasing
         self.log_sigmas = self.sigmas.log()
+        self.log_snrs = log_snr_from_sigma(self.sigmas)           # (T,) decreasing
         self.sigma_min = float(self.sigmas[0])
         self.sigma_max = float(self.sigmas[-1])
         # posterior q(x_{t-1} | x_t, x_0) = N(c0 x0 + ct x_t, beta_tilde), DDPM eq. (6)-(7)

@@ -4,14 +4,6 @@ import torch
 from torchdiffusion.nets import MLPConfig, MLPDenoiserNet, build_net
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets run as fast on one thread, and one thread does not stall when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_shape_and_errors():
     net = MLPDenoiserNet(dim=3, hidden=64, num_blocks=2)

@@ -5,14 +5,6 @@ from torchdiffusion.nets import (NETS, UNET_PRESETS, TimeEmbedding, UNet, UNetCo
                                  timestep_embedding)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets run as fast on one thread, and one thread does not stall when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(**overrides):
     torch.manual_seed(0)

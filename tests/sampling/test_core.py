@@ -25,14 +25,6 @@ SE_MEAN = S / math.sqrt(NV)          # 0.0035: 2% of M (0.03) is 8.5 se
 SE_SD = S / math.sqrt(2 * (NV - 1))  # 0.0025: 2% of S (0.02) is 8 se
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These loops run many small ops; one intra-op thread avoids contention on a shared CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def linear():
