@@ -12,7 +12,9 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,6 +61,18 @@ class EMA:
         dst, src = self._pairs(model)
         torch._foreach_lerp_(dst, src, 1.0 - d)
         self.updates += 1
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interrupt_on_sigterm():
+    """Treat SIGTERM (a `kill`, a scheduler's preemption) like Ctrl-C, so the loop saves a checkpoint first.
+    Returns the previous handler, or None where handlers cannot be set (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def lr_at(step: int, cfg) -> float:
@@ -278,6 +292,7 @@ class Trainer:
                        dynamic_ncols=True)
         loss_sum, loss_n, window_t, window_steps = torch.zeros(()), 0, time.time(), 0
         stopped_early, last_line = False, 0.0
+        previous_term = _interrupt_on_sigterm()
         try:
             self.net.train()
             while self.step < t.steps:
@@ -317,6 +332,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
         if stopped_early:
             self.checkpoint(writer)
         writer.close()
