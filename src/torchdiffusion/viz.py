@@ -70,12 +70,7 @@ def image_table(rows: Sequence[Sequence[torch.Tensor]], path: str | Path, *, col
                 ax.set_ylabel(row_titles[i], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_fig(plt, fig, path)
 
 
 def forward_strip(x0: torch.Tensor, schedule, sigmas: Sequence[float], path: str | Path, *, generator=None,
@@ -108,6 +103,15 @@ def trajectory_strip(xs: Sequence[torch.Tensor], x0s: Sequence[torch.Tensor], si
     return image_table(rows, path, col_titles=titles, row_titles=row_titles, title="reverse process")
 
 
+def _save_fig(plt, fig, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -134,12 +138,7 @@ def loss_curve(metrics: list[dict], path: str | Path, key: str = "loss") -> Path
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_fig(plt, fig, path)
 
 
 def scatter_2d(samples: torch.Tensor, path: str | Path, data: torch.Tensor | None = None, title: str = "") -> Path:
@@ -151,7 +150,4 @@ def scatter_2d(samples: torch.Tensor, path: str | Path, data: torch.Tensor | Non
     ax.set_aspect("equal")
     ax.set_title(title)
     ax.legend(markerscale=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save_fig(plt, fig, path)
