@@ -58,3 +58,15 @@ def as_time_vector(t, n: int, device) -> torch.Tensor:
     if t.shape != (n,):
         raise ValueError(f"t must have shape ({n},) to match the batch, got {tuple(t.shape)}")
     return t.to(torch.float32)
+
+
+def add_class_embedding(emb: torch.Tensor, class_embed, class_labels, num_classes) -> torch.Tensor:
+    """emb + class_embed(labels) for a class-conditional net (labels None: the null class, row num_classes);
+    an unconditional net (class_embed None) refuses labels."""
+    if class_embed is None:
+        if class_labels is not None:
+            raise ValueError("class_labels given but the net was built with num_classes=None")
+        return emb
+    if class_labels is None:
+        class_labels = torch.full((emb.shape[0],), num_classes, dtype=torch.long, device=emb.device)
+    return emb + class_embed(class_labels)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embeddings import TimeEmbedding, as_time_vector
+from .embeddings import TimeEmbedding, add_class_embedding, as_time_vector
 
 
 @dataclass
@@ -85,12 +85,7 @@ class MLPDenoiserNet(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLPDenoiserNet expects input of shape (N, {self.dim}), got {tuple(x.shape)}")
         emb = self.time_embed(as_time_vector(t, x.shape[0], x.device))  # (N, hidden)
-        if self.class_embed is not None:
-            if class_labels is None:
-                class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            emb = emb + self.class_embed(class_labels)  # (N, hidden)
-        elif class_labels is not None:
-            raise ValueError("class_labels given but the net was built with num_classes=None")
+        emb = add_class_embedding(emb, self.class_embed, class_labels, self.num_classes)  # (N, hidden)
         emb = F.silu(emb)
         h = self.inp(x)  # (N, hidden)
         for block in self.blocks:

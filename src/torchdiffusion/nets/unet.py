@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embeddings import TimeEmbedding, as_time_vector
+from .embeddings import TimeEmbedding, add_class_embedding, as_time_vector
 
 Size = Union[int, Sequence[int]]
 
@@ -316,12 +316,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input(x)
         emb = self.time_embed(as_time_vector(t, x.shape[0], x.device))  # (N, E)
-        if self.class_embed is not None:
-            if class_labels is None:
-                class_labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            emb = emb + self.class_embed(class_labels)  # (N, E)
-        elif class_labels is not None:
-            raise ValueError("class_labels given but the net was built with num_classes=None")
+        emb = add_class_embedding(emb, self.class_embed, class_labels, self.num_classes)  # (N, E)
         emb = F.silu(emb)  # every block starts its embedding projection with SiLU; do it once
 
         h = self.conv_in(x)  # (N, C, H, W)
