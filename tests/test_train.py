@@ -105,3 +105,71 @@ def test_no_resume_keeps_the_earlier_run(tmp_path):
     assert tr.step == 0
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("toy2d.")]
     assert len(moved) == 1 and (moved[0] / "checkpoints" / "last.safetensors").exists()
+
+
+def _tiny_trainer(tmp_path, *over):
+    cfg = load_config("tiny", [f"out_dir={tmp_path}", "train.ckpt_every=0", "train.warmup_steps=0",
+                               "train.lr_schedule=constant", "train.ema_decay=0.9", *over])
+    return Trainer(cfg, progress=False)
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path):
+    """4 micro-batches of 8 give the weights of one batch of 32 (the same examples, flips and noise; only the
+    float summation order differs)."""
+    nets = []
+    for k in (1, 4):
+        tr = _tiny_trainer(tmp_path / str(k), "data.flip=true", f"train.grad_accum={k}")
+        for _ in range(3):
+            tr.train_step(tr.sampler.next_batch())
+        nets.append((tr.net.state_dict(), tr.ema.model.state_dict()))
+    for a, b in zip(*nets):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_bf16_and_fp32_steps_agree(tmp_path):
+    """The gradient of one batch under bf16 autocast (channels-last) and in fp32 (contiguous). bf16 keeps 8
+    significant bits (unit roundoff 2^-9 ~ 0.2%); convolutions accumulate in fp32 and GroupNorm statistics
+    are fp32, so errors stay at a few roundoffs per layer: the loss within 1% and the whole gradient within
+    5% in relative L2 norm (a wrong cast or layout gives O(1) errors). They must differ (bf16 really ran)."""
+    grads, losses = [], []
+    for over in (["train.precision=fp32"], ["train.precision=bf16", "train.channels_last=true"]):
+        tr = _tiny_trainer(tmp_path, *over, "model.unet.zero_init_residual=false")
+        w = tr.net.conv_out.weight
+        w.data.copy_(0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))  # output != 0
+        losses.append(float(tr._gradients(torch.arange(32))))
+        grads.append(torch.cat([p.grad.flatten() for p in tr.net.parameters()]))
+    assert abs(losses[1] - losses[0]) < 0.01 * losses[0], losses
+    rel = float((grads[1] - grads[0]).norm() / grads[0].norm())
+    assert 1e-5 < rel < 0.05, rel
+
+
+def test_max_minutes_stops_a_unet_run_with_a_resumable_checkpoint(tmp_path):
+    """A time budget ends the run between steps with a valid last checkpoint; a rerun continues from it."""
+    over = ["train.steps=40", "train.log_every=5"]
+    first = _tiny_trainer(tmp_path, *over, "train.max_minutes=0.0001").fit()
+    assert first["stopped_early"] and 0 < first["steps"] < 40
+    meta, groups = load_checkpoint(tmp_path / "tiny" / "checkpoints" / "last.safetensors")
+    assert meta["step"] == first["steps"] and groups["model"] and groups["optim"]
+    again = _tiny_trainer(tmp_path, *over, "train.steps=" + str(first["steps"] + 2))
+    assert again.step == first["steps"] and again.fit()["steps"] == first["steps"] + 2
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
+    """train.compile with a compiler that fails at the first call: a warning, then the same step eagerly."""
+    class Broken(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, *a, **k):
+            raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda net: Broken(net))
+    eager = _tiny_trainer(tmp_path / "a")
+    eager.train_step(torch.arange(32))
+    tr = _tiny_trainer(tmp_path / "b", "train.compile=true")
+    with pytest.warns(UserWarning, match="training eagerly"):
+        tr.train_step(torch.arange(32))
+    for a, b in zip(eager.net.parameters(), tr.net.parameters()):
+        assert torch.equal(a, b)

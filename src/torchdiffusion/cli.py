@@ -1,4 +1,4 @@
-"""Command line: ``torchdiffusion {train,sample,demo,config,prepare-data,bench}``.
+"""Command line: ``torchdiffusion {train,sample,demo,config,prepare-data,bench,train-classifier,evaluate,inpaint,img2img,invert,interpolate}``.
 
 Run options come from the configuration dataclasses (``torchdiffusion.config``): give a preset or a YAML
 file with ``--config`` and change any field with ``key=value`` (e.g. ``train.steps=500 model.unet.channels=64``).
@@ -22,24 +22,31 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="change any config field, e.g. train.steps=500")
 
 
-def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    """One flag per SampleConfig field, so the sampling options live in one place."""
+def _add_sample_args(p: argparse.ArgumentParser, only: tuple | None = None) -> None:
+    """One flag per SampleConfig field (or per field in `only`), so the sampling options live in one place."""
     for f in dataclasses.fields(SampleConfig):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"(default: from the run, else {f.default})")
         else:
-            typ = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            typ = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
             p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default: from the run, else {f.default})")
+    if only is None or "class_label" in only:
+        p.add_argument("--class", dest="class_label", type=int, default=None, help="same as --class-label")
 
 
 def cmd_train(args) -> int:
     from .train import train
 
     cfg = load_config(args.config, args.overrides)
+    from .distributed import dist_info
+
     result = train(cfg, resume=not args.no_resume, log_lines=True)
-    print(json.dumps(result, indent=2))
+    if dist_info().is_main:  # under torchrun, one report
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -64,9 +71,16 @@ def cmd_sample(args) -> int:
     s = dataclasses.replace(cfg.sample, **{k: v for k, v in vars(args).items()
                                            if k in {f.name for f in dataclasses.fields(SampleConfig)} and v is not None})
     shape = tuple(meta["data_shape"])
-    x = generate(denoiser, shape, n=s.n, progress=sys.stderr.isatty(), **sample_kwargs(s, shape))
     out = Path(args.out) if args.out else cfg.run_dir / "samples"
     stem = f"{s.sampler}_{s.steps}steps_seed{s.seed}"
+    if s.sr_checkpoint:
+        return _sample_cascade(denoiser, shape, s, out, stem, meta)
+    x = generate(denoiser, shape, n=s.n, progress=sys.stderr.isatty(), **sample_kwargs(s, shape))
+    if s.class_label is not None:
+        stem += f"_class{s.class_label}"
+    guidance = sample_kwargs(s, shape)["guidance"]
+    if guidance != "none":
+        stem += f"_{guidance}{s.guidance_scale:g}"
     if len(shape) == 3:
         files = save_samples(x, out, stem)
     else:
@@ -80,6 +94,122 @@ def cmd_sample(args) -> int:
     print(json.dumps({"n": s.n, "sampler": s.sampler, "steps": s.steps, "spacing": s.spacing,
                       "checkpoint_step": meta.get("step"), **files}, indent=2))
     return 0
+
+
+def _sample_cascade(base, base_shape, s, out: Path, stem: str, meta: dict) -> int:
+    """`sample BASE --sr-checkpoint SR`: the two-stage cascade (torchdiffusion.edit.sample_cascade)."""
+    from . import viz
+    from .demo import save_samples
+    from .edit import sample_cascade
+    from .pipeline import load_denoiser, net_input_shape, sample_kwargs
+
+    sr, sr_cfg, _ = load_denoiser(s.sr_checkpoint, use_ema=s.use_ema)
+    sr_shape = net_input_shape(sr_cfg)
+    low, high = sample_cascade(base, sr, base_shape, sr_shape, n=s.n, aug_sigma=s.sr_aug_sigma,
+                               low_res=sr_cfg.diffusion.objective.low_res or None,
+                               progress=sys.stderr.isatty(), **sample_kwargs(s, sr_shape))
+    stem += f"_sr_aug{s.sr_aug_sigma:g}"
+    files = {"base": save_samples(low, out, stem + "_base"), "cascade": save_samples(high, out, stem)}
+    k = min(8, s.n)
+    files["pairs"] = str(viz.image_table([list(low[:k]), list(high[:k])], out / f"{stem}_pairs.png",
+                                         row_titles=[f"base {low.shape[-1]}x{low.shape[-2]}",
+                                                     f"SR {high.shape[-1]}x{high.shape[-2]}"]))
+    print(json.dumps({"n": s.n, "sampler": s.sampler, "steps": s.steps, "sr_aug_sigma": s.sr_aug_sigma,
+                      "checkpoint_step": meta.get("step"), **files}, indent=2))
+    return 0
+
+
+EDIT_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "seed", "use_ema", "clip_x0", "class_label")
+
+
+def _edit_setup(args):
+    """(denoiser, images, sigmas, generators, sample config, out folder) for the editing commands."""
+    from .edit import load_images
+    from .pipeline import load_denoiser
+    from .precond import ClampX0, Conditioned
+    from .sampling import get_sigmas
+    from .utils import sample_generators
+
+    denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=args.use_ema is not False)
+    s = dataclasses.replace(cfg.sample, **{k: getattr(args, k) for k in EDIT_SAMPLE_FIELDS
+                                           if getattr(args, k, None) is not None})
+    shape = tuple(meta["data_shape"])
+    if len(shape) != 3:
+        raise ValueError(f"editing needs an image model; this checkpoint holds data of shape {shape}")
+    images = load_images(args.images, shape)  # (N, C, H, W)
+    if s.clip_x0:
+        denoiser = ClampX0(denoiser)
+    if s.class_label is not None:
+        import torch
+
+        denoiser = Conditioned(denoiser, class_labels=torch.full((len(images),), s.class_label))
+    sigmas = get_sigmas(denoiser.schedule, s.steps, s.spacing)
+    out = Path(args.out) if args.out else cfg.run_dir / "edits"
+    return denoiser, images, sigmas, sample_generators(s.seed, len(images)), s, out
+
+
+def _edit_outputs(out: Path, name: str, rows: list, titles: list, result, **info) -> int:
+    """A picture (one row per kind: input, ..., result; one column per image), the result as uint8 .npz, JSON."""
+    import numpy as np
+
+    from . import viz
+
+    out.mkdir(parents=True, exist_ok=True)
+    png = viz.image_table([list(r) for r in rows], out / f"{name}.png", row_titles=titles)
+    np.savez_compressed(out / f"{name}.npz", images=viz.to_uint8(result))
+    print(json.dumps({**info, "picture": str(png), "npz": str(out / f"{name}.npz")}, indent=2))
+    return 0
+
+
+def cmd_inpaint(args) -> int:
+    from .edit import inpaint, make_mask
+
+    denoiser, images, sigmas, gens, s, out = _edit_setup(args)
+    mask = make_mask(args.mask, tuple(images.shape[1:]))
+    x = inpaint(denoiser, images, mask, sigmas, sampler=s.sampler, resample=args.resample,
+                jump_length=args.jump_length, generator=gens)
+    return _edit_outputs(out, "inpaint", [images, images * mask, x], ["original", "known", "inpainted"], x,
+                         sampler=s.sampler, steps=s.steps, resample=args.resample, jump_length=args.jump_length)
+
+
+def cmd_img2img(args) -> int:
+    import torch
+
+    from .edit import sdedit, sdedit_sigmas
+
+    denoiser, images, sigmas, gens, s, out = _edit_setup(args)
+    for st in args.strength:
+        sdedit_sigmas(sigmas, st)  # check every strength before any work
+    results = [sdedit(denoiser, images, sigmas, st, sampler=s.sampler, generator=gens) for st in args.strength]
+    return _edit_outputs(out, "img2img", [images, *results], ["input"] + [f"strength {st:g}" for st in args.strength],
+                         torch.stack(results, 1).flatten(0, 1), sampler=s.sampler, steps=s.steps,
+                         strength=args.strength)
+
+
+def cmd_invert(args) -> int:
+    import numpy as np
+
+    from .edit import ddim_invert
+    from .sampling import sample_ddim
+
+    denoiser, images, sigmas, _, s, out = _edit_setup(args)
+    z = ddim_invert(denoiser, images, sigmas, iters=args.iters)
+    rec = sample_ddim(denoiser, z, sigmas)
+    rmse = float((rec - images).pow(2).mean().sqrt())
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "inverted_noise.npz", noise=z.numpy(), sigma_max=float(sigmas[0]))
+    return _edit_outputs(out, "invert", [images, rec], ["original", "reconstructed"], rec, steps=s.steps,
+                         iters=args.iters, reconstruction_rmse=rmse, noise=str(out / "inverted_noise.npz"))
+
+
+def cmd_interpolate(args) -> int:
+    from .edit import interpolate
+
+    denoiser, images, sigmas, _, s, out = _edit_setup(args)
+    if len(images) != 2:
+        raise ValueError(f"interpolate needs exactly 2 images, got {len(images)} from {args.images!r}")
+    x = interpolate(denoiser, images[0], images[1], sigmas, frames=args.frames, iters=args.iters)
+    return _edit_outputs(out, "interpolation", [x], ["slerp"], x, steps=s.steps, frames=args.frames)
 
 
 def cmd_config(args) -> int:
@@ -96,12 +226,54 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
+def cmd_train_classifier(args) -> int:
+    from .evaluate.classifier import classifier_metadata, classifier_path, train_classifier
+
+    path = classifier_path("mnist")
+    if path.exists() and not args.force:
+        print(f"classifier exists: {path} (test accuracy {classifier_metadata()['test_accuracy']:.4f}); "
+              f"--force retrains it")
+        return 0
+    path = train_classifier("mnist", epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"test accuracy {classifier_metadata(path=path)['test_accuracy']:.4f}; saved to {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_samples
+    from .evaluate.report import evaluate_checkpoint, format_table, load_samples
+
+    which = tuple(w for w in (args.likelihood or "").split(",") if w)
+    target = Path(args.target)
+    if target.suffix == ".safetensors" or (target.is_dir() and (target / "last.safetensors").exists()):
+        overrides = {k: v for k, v in vars(args).items()
+                     if k != "n" and k in {f.name for f in dataclasses.fields(SampleConfig)}}
+        result = evaluate_checkpoint(target, n=args.n, likelihood=which, likelihood_n=args.likelihood_n,
+                                     rtol=args.rtol, progress=sys.stderr.isatty(), **overrides)
+    else:
+        if which:
+            raise ValueError("--likelihood needs a checkpoint, not a set of samples")
+        x, note = load_samples(target)
+        print(f"read {note}", file=sys.stderr)
+        result = {"samples": str(target), **evaluate_samples(x[: args.n] if args.n else x)}
+    print(format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.which == "samplers":
         from .sampling.benchmark import main as bench_main
 
         return bench_main(args.rest) or 0
-    raise ConfigError(f"unknown benchmark {args.which!r}; allowed values: 'samplers'")
+    if args.which == "train-speed":
+        from .train_speed import main as speed_main
+
+        return speed_main(args.rest) or 0
+    raise ConfigError(f"unknown benchmark {args.which!r}; allowed values: 'samplers', 'train-speed'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,8 +304,50 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--force", action="store_true", help="rebuild the cached file")
     pd.set_defaults(func=cmd_prepare_data)
 
-    b = sub.add_parser("bench", help="benchmarks (samplers: exact Gaussian-mixture sampler benchmark)")
-    b.add_argument("which", help="samplers")
+    def edit_parser(name: str, help: str):
+        e = sub.add_parser(name, help=help)
+        e.add_argument("checkpoint", help="a .safetensors checkpoint of an image model")
+        e.add_argument("--images", required=True,
+                       help="an image file, a .npz file, or DATASET:INDICES such as mnist-test:0-7")
+        e.add_argument("--out", default=None, help="output folder (default: the run's edits/ folder)")
+        _add_sample_args(e, EDIT_SAMPLE_FIELDS)
+        e.set_defaults(func=globals()[f"cmd_{name}"])
+        return e
+
+    e = edit_parser("inpaint", "fill masked pixels (replacement, or RePaint resampling with --resample)")
+    e.add_argument("--mask", required=True, help="pixels to fill: left, right, top, bottom, center, outside, or a "
+                   "mask image / .npz whose nonzero pixels are known")
+    e.add_argument("--resample", type=int, default=1, help="RePaint: passes over each block of levels (1: replacement)")
+    e.add_argument("--jump-length", type=int, default=10, help="RePaint: levels per block (default: 10)")
+    e = edit_parser("img2img", "SDEdit: noise the images to a level, then denoise")
+    e.add_argument("--strength", type=float, nargs="+", default=[0.5],
+                   help="fractions of the sigma grid in (0, 1] to noise to (default: 0.5)")
+    e = edit_parser("invert", "DDIM inversion: the noise that DDIM maps to each image, and the reconstruction")
+    e.add_argument("--iters", type=int, default=0, help="fixed-point refinements per inversion step (default: 0)")
+    e = edit_parser("interpolate", "invert two images, slerp their noises, decode with DDIM")
+    e.add_argument("--frames", type=int, default=8, help="images in the strip, both ends included (default: 8)")
+    e.add_argument("--iters", type=int, default=0, help="fixed-point refinements per inversion step (default: 0)")
+
+    tc = sub.add_parser("train-classifier", help="train the MNIST classifier used by `evaluate` (into the cache)")
+    tc.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+    tc.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and shifts")
+    tc.add_argument("--force", action="store_true", help="retrain even if the cached classifier exists")
+    tc.set_defaults(func=cmd_train_classifier)
+
+    ev = sub.add_parser("evaluate", help="FD, KID, precision/recall, class coverage (and bits/dim) of a checkpoint "
+                        "or of samples (.npz or folder of PNGs); see docs/evaluation.md")
+    ev.add_argument("target", help="a .safetensors checkpoint, an .npz of samples (key 'samples') or a PNG folder")
+    ev.add_argument("--n", type=int, default=1000, help="samples to draw from a checkpoint (default: 1000)")
+    ev.add_argument("--likelihood", default="", help="comma-separated: vlb, ode (checkpoints only; slow)")
+    ev.add_argument("--likelihood-n", type=int, default=256, help="MNIST test images for bits/dim (default: 256)")
+    ev.add_argument("--rtol", type=float, default=1e-3, help="ODE solver tolerance (rtol = atol; default: 1e-3)")
+    ev.add_argument("--out", default=None, help="write the results as JSON here")
+    _add_sample_args(ev, ("sampler", "steps", "spacing", "seed", "batch_size", "use_ema", "clip_x0"))
+    ev.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("bench", help="benchmarks (samplers: exact Gaussian-mixture sampler benchmark; "
+                                     "train-speed: training images/s and FLOP/s against the matmul peak)")
+    b.add_argument("which", help="samplers or train-speed")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help of each)")
     b.set_defaults(func=cmd_bench)
     return p

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .nets import MLPConfig, UNetConfig
+from .nets import ClassifierConfig, MLPConfig, UNetConfig
 from .objectives import ObjectiveConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -37,9 +37,10 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"              # unet or mlp
+    kind: str = "unet"              # unet, mlp, or classifier (a noise-conditional classifier for guidance)
     unet: UNetConfig = field(default_factory=UNetConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
 @dataclass
@@ -56,10 +57,14 @@ class TrainConfig:
     ema_decay: float = 0.999        # EMA of the weights; effective decay min(this, (1+k)/(10+k))
     precision: str = "fp32"         # fp32 or bf16 (autocast, fp32 master weights)
     channels_last: bool = False     # channels-last memory format for images
+    grad_accum: int = 1             # micro-batches per optimizer step (same total batch, less memory)
+    compile: bool = False           # torch.compile the network (falls back to eager with a warning)
     seed: int = 0                   # seed of data order, noise and initialisation
     threads: int = 0                # torch CPU threads (0: leave torch's default)
     log_every: int = 25             # steps between logged scalars
     sample_every: int = 500         # steps between sample grids (0: off)
+    eval_every: int = 0             # steps between FD/KID/precision/recall evaluations (0: off; MNIST only)
+    eval_samples: int = 256         # samples drawn (and real test images compared) at each evaluation
     ckpt_every: int = 500           # steps between checkpoints (0: only at the end)
     max_minutes: float = 0.0        # stop cleanly with a checkpoint after this wall time (0: no limit)
 
@@ -74,6 +79,15 @@ class SampleConfig:
     seed: int = 0                   # sample i uses a generator seeded from (seed, i)
     use_ema: bool = True            # sample with the EMA weights
     clip_x0: bool = True            # clip predicted x0 to [-1, 1] for images (DDPM's clip_denoised)
+    class_label: int | None = None  # class of every sample; -1: sample i gets class i mod K; None: unconditional
+    guidance: str = "none"          # none (cfg if guidance_scale != 1), cfg, or classifier (needs `classifier`)
+    guidance_scale: float = 1.0     # guidance scale s (cfg: 1 is the conditional model, 0 the unconditional)
+    guidance_sigma_min: float = 0.0  # guide only for sigma > this (guidance interval)
+    guidance_sigma_max: float = 0.0  # guide only for sigma <= this (0: no upper limit)
+    guidance_rescale: float = 0.0   # cfg rescale phi of Lin et al. 2024 (0: off)
+    classifier: str = ""            # noise-conditional classifier checkpoint for guidance=classifier
+    sr_checkpoint: str = ""         # super-resolution checkpoint: sample runs the cascade base -> SR
+    sr_aug_sigma: float = 0.1       # noise level of the conditioning augmentation of the cascade's SR stage
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .schedules import DiscreteSchedule, Schedule, VPSchedule
-from .utils import append_dims, check_choice, randn_like
+from .utils import append_dims, check_choice, rand, randn_like
 
 LOSSES = ("l2", "l1", "huber")
 WEIGHTINGS = ("uniform", "min_snr", "vlb")
@@ -37,12 +37,25 @@ class ObjectiveConfig:
     weighting: str = "uniform"      # uniform (L_simple), min_snr or vlb
     min_snr_gamma: float = 5.0      # gamma of min-SNR weighting
     huber_delta: float = 1.0        # transition point of the Huber loss
+    cond_drop_prob: float = 0.0     # replace class labels by the null class with this probability (for CFG)
+    low_res: int = 0                # super-resolution: condition on x0 area-downsampled to this side (0: off)
+    cond_aug_max_sigma: float = 0.0  # noise the low-res image at a level drawn uniformly in [0, this]
+
+
+def low_res_condition(x: torch.Tensor, size: int, aug_sigma: torch.Tensor, *, generator=None) -> dict:
+    """The conditioning of a super-resolution stage (Ho et al. 2021, "Cascaded diffusion models", sec. 3.2):
+    x (N, C, H, W) area-downsampled to size x size (unchanged if already that size), plus Gaussian noise of
+    std aug_sigma (N,) (conditioning augmentation). Returns the U-Net's kwargs {low_res, low_res_sigma}."""
+    low = x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(x, size=(size, size), mode="area")
+    low = low + append_dims(aug_sigma, low.ndim) * randn_like(low, generator=generator)  # (N, C, size, size)
+    return {"low_res": low, "low_res_sigma": aug_sigma}
 
 
 class DiffusionObjective:
     """Denoising score matching loss; call as ``objective(denoiser, x0, cond, generator=None)``."""
 
-    def __init__(self, schedule: Schedule, cfg: ObjectiveConfig | None = None, **kwargs):
+    def __init__(self, schedule: Schedule, cfg: ObjectiveConfig | None = None, *, num_classes: int | None = None,
+                 **kwargs):
         cfg = cfg or ObjectiveConfig(**kwargs)
         check_choice("loss", cfg.loss, LOSSES)
         check_choice("weighting", cfg.weighting, WEIGHTINGS)
@@ -51,8 +64,14 @@ class DiffusionObjective:
                              "a discrete schedule (linear, cosine, sigmoid) or 'vp'")
         if cfg.min_snr_gamma <= 0 or cfg.huber_delta <= 0:
             raise ValueError("min_snr_gamma and huber_delta must be positive")
+        if cfg.low_res < 0 or cfg.cond_aug_max_sigma < 0:
+            raise ValueError(f"low_res and cond_aug_max_sigma must be non-negative, got {cfg.low_res}, "
+                             f"{cfg.cond_aug_max_sigma}")
+        if not 0.0 <= cfg.cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cfg.cond_drop_prob}")
         self.schedule = schedule
         self.cfg = cfg
+        self.num_classes = num_classes  # null class index for condition dropout
 
     # ---------------------------------------------------------------------------------------- weights
     def vlb_weight_x0(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -90,6 +109,19 @@ class DiffusionObjective:
             return err.abs()
         return F.huber_loss(err, torch.zeros_like(err), reduction="none", delta=self.cfg.huber_delta)
 
+    # ------------------------------------------------------------------------------------ conditioning
+    def drop_condition(self, cond: dict | None, *, generator=None) -> dict | None:
+        """Condition dropout for classifier-free guidance (Ho & Salimans 2021, Alg. 1): each class label is
+        replaced by the null class (index num_classes) with probability cond_drop_prob."""
+        p = self.cfg.cond_drop_prob
+        if p <= 0 or not cond or cond.get("class_labels") is None:
+            return cond
+        if self.num_classes is None:
+            raise ValueError("cond_drop_prob > 0 needs the number of classes: DiffusionObjective(..., num_classes=K)")
+        y = cond["class_labels"]
+        drop = rand(y.shape, generator=generator, device=y.device) < p  # (N,)
+        return {**cond, "class_labels": torch.where(drop, torch.full_like(y, self.num_classes), y)}
+
     # --------------------------------------------------------------------------------------------- loss
     def per_sample(self, denoiser, x0: torch.Tensor, cond: dict | None = None, *, generator=None,
                    sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,6 +132,9 @@ class DiffusionObjective:
         if noise is None:
             noise = randn_like(x0, generator=generator)
         x = x0 + append_dims(sigma, x0.ndim) * noise
+        if self.cfg.low_res:  # super-resolution: the conditioning image is made from x0 itself
+            aug = rand((n,), generator=generator, device=x0.device) * self.cfg.cond_aug_max_sigma
+            cond = {**(cond or {}), **low_res_condition(x0, self.cfg.low_res, aug, generator=generator)}
         denoised = denoiser(x, sigma, **(cond or {}))
         out_scale = denoiser.out_scale(sigma) if hasattr(denoiser, "out_scale") else torch.ones_like(sigma)
         err = (denoised - x0) / append_dims(out_scale, x0.ndim)
@@ -107,4 +142,6 @@ class DiffusionObjective:
         return per * self.weight(sigma, out_scale)
 
     def __call__(self, denoiser, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
+        """Training loss: condition dropout (if configured), then the mean of :meth:`per_sample`."""
+        cond = self.drop_condition(cond, generator=generator)
         return self.per_sample(denoiser, x0, cond, generator=generator).mean()

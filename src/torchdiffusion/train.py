@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,16 +25,18 @@ from torch import nn
 from .checkpoint import CheckpointError, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from .config import RunConfig, dump_config, to_dict
 from .data import EpochSampler, make_dataset
+from .distributed import all_mean, barrier, broadcast_flag, init_distributed, per_rank_batch, wrap_ddp
 from .pipeline import build_denoiser, build_objective, generate, net_input_shape, num_classes, sample_kwargs
 from .tracking import ScalarWriter, read_metrics
-from .utils import check_choice, hash_seed
+from .utils import check_choice, hash_seed, sample_generators
 from . import viz
 
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 # fields that may change between a run and its continuation; every other field must match
 RESUMABLE_CHANGES = {"name", "out_dir", "sample", "train.steps", "train.max_minutes", "train.log_every",
-                     "train.sample_every", "train.ckpt_every", "train.threads"}
+                     "train.sample_every", "train.ckpt_every", "train.threads", "train.grad_accum",
+                     "train.compile", "train.eval_every", "train.eval_samples"}
 
 
 class EMA:
@@ -49,11 +52,14 @@ class EMA:
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.updates = 0
+        self._cached = None  # (source module, dst tensors, src tensors): state_dict() once, not every step
 
     def _pairs(self, model: nn.Module):
-        src = [t for t in model.state_dict().values() if t.is_floating_point()]
-        dst = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        return dst, src
+        if self._cached is None or self._cached[0] is not model:
+            src = [t for t in model.state_dict().values() if t.is_floating_point()]
+            dst = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+            self._cached = (model, dst, src)
+        return self._cached[1], self._cached[2]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -112,7 +118,7 @@ class Trainer:
     """Train the configured model on the configured data. `fit()` runs to cfg.train.steps (or max_minutes)."""
 
     def __init__(self, cfg: RunConfig, *, dataset=None, resume: bool = True, progress: bool | None = None,
-                 log_lines: bool = False, device: str | torch.device = "cpu"):
+                 log_lines: bool = False, device: str | torch.device | None = None):
         t = cfg.train
         check_choice("train.precision", t.precision, PRECISIONS)
         check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
@@ -120,10 +126,13 @@ class Trainer:
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(t, name)}")
         self.cfg = cfg
-        self.device = torch.device(device)
+        # data parallel under torchrun (a single process otherwise): rank 0 validates, samples, logs, saves
+        self.dist = init_distributed()
+        self.local_batch = per_rank_batch(t.batch_size, self.dist, t.grad_accum)
+        self.device = torch.device(device) if device is not None else self.dist.device()
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
         self.log_lines = log_lines  # without a progress bar, print a status line every 15 s
         if t.threads > 0:
             torch.set_num_threads(t.threads)
@@ -141,22 +150,26 @@ class Trainer:
         self.objective = build_objective(cfg, self.denoiser.schedule)
         self.ema = EMA(self.net, t.ema_decay)
         self.ema_denoiser = build_denoiser(cfg, self.ema.model)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
-                                     weight_decay=t.weight_decay, foreach=True)
-        self.sampler = EpochSampler(len(self.data), t.batch_size, seed=hash_seed(t.seed, 1))
-        self.gen_noise = torch.Generator().manual_seed(hash_seed(t.seed, 2))
-        self.gen_aug = torch.Generator().manual_seed(hash_seed(t.seed, 3))
-        torch.manual_seed(hash_seed(t.seed, 4))  # dropout stream
+        # the training forward goes through DDP (gradient all-reduce) and torch.compile when enabled; the EMA,
+        # validation and checkpoints use the plain module self.net, which shares the parameters
+        self.ddp_net = wrap_ddp(self.net, self.dist)
+        self._set_train_net(self._compiled(self.ddp_net) if t.compile else self.ddp_net)
+        self._compile_pending = t.compile and self.train_net is not self.ddp_net
+        self.opt = _adamw(self.net.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        self.sampler = EpochSampler(len(self.data), t.batch_size, seed=hash_seed(t.seed, 1), rank=self.dist.rank,
+                                    world_size=self.dist.world_size)
+        self._seed_dropout(0)
         self.step = 0
         self.best_val = math.inf
         self.resumed_from = None
         if (self.ckpt_dir / "last.safetensors").exists():
             if resume:
                 self._resume(self.ckpt_dir / "last.safetensors")
-            else:  # start over, but keep the earlier run: move it aside rather than overwrite it
+            elif self.dist.is_main:  # start over, but keep the earlier run: move it aside rather than overwrite it
                 aside = self.run_dir.with_name(f"{self.run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
                 self.run_dir.rename(aside)
                 print(f"starting over: the earlier run in {self.run_dir} was moved to {aside}", file=sys.stderr)
+        barrier(self.dist)
 
     # ------------------------------------------------------------------------------------------ setup
     @property
@@ -190,6 +203,22 @@ class Trainer:
 
         return build_schedule(self.cfg)
 
+    def _seed_dropout(self, step: int) -> None:
+        """Seed the global torch stream (dropout) per process; the data, augmentation and noise do not use it."""
+        parts = (self.cfg.train.seed, 4) if self.dist.world_size == 1 else (self.cfg.train.seed, 4, self.dist.rank, step)
+        torch.manual_seed(hash_seed(*parts))
+
+    def _compiled(self, net: nn.Module) -> nn.Module:
+        try:
+            return torch.compile(net)
+        except Exception as e:  # e.g. no C++ compiler, unsupported platform
+            warnings.warn(f"train.compile: torch.compile failed ({type(e).__name__}: {e}); training eagerly")
+            return net
+
+    def _set_train_net(self, net: nn.Module) -> None:
+        self.train_net = net
+        self.train_denoiser = build_denoiser(self.cfg, net)
+
     def _cond(self, y):
         return {"class_labels": y} if num_classes(self.cfg) is not None else {}
 
@@ -204,9 +233,10 @@ class Trainer:
             "best_val": None if math.isinf(self.best_val) else self.best_val,
             "ema_updates": self.ema.updates,
             "data_shape": list(self.data.sample_shape),
+            "world_size": self.dist.world_size,
             **(extra or {}),
         }
-        rng = {"torch": torch.get_rng_state(), "noise": self.gen_noise.get_state(), "aug": self.gen_aug.get_state()}
+        rng = {"torch": torch.get_rng_state()}  # dropout stream of rank 0; noise is seeded per step and example
         return save_checkpoint(self.ckpt_dir / f"{name}.safetensors", meta=meta, model=self.net.state_dict(),
                                ema=self.ema.model.state_dict(), optim=opt_tensors, rng=rng)
 
@@ -221,11 +251,12 @@ class Trainer:
         self.ema.model.load_state_dict(groups["ema"])
         self.ema.updates = meta["ema_updates"]
         self.opt.load_state_dict(optimizer_from_flat(groups["optim"], meta["optimizer"]))
-        self.sampler.load_state_dict(meta["sampler"])
-        torch.set_rng_state(groups["rng"]["torch"])
-        self.gen_noise.set_state(groups["rng"]["noise"])
-        self.gen_aug.set_state(groups["rng"]["aug"])
+        self.sampler.load_state_dict(meta["sampler"])  # global position: any world size continues it
         self.step = meta["step"]
+        if self.dist.world_size == 1 and meta.get("world_size", 1) == 1:
+            torch.set_rng_state(groups["rng"]["torch"])
+        else:  # dropout masks cannot follow a change of sharding: reseed per process
+            self._seed_dropout(self.step)
         self.best_val = math.inf if meta["best_val"] is None else meta["best_val"]
         self.resumed_from = str(path)
 
@@ -235,23 +266,57 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, indices) -> torch.Tensor:
+    def example_generators(self, n: int) -> list[torch.Generator]:
+        """One generator per example of this process's n examples of the current global batch, seeded by (seed,
+        step, position in the global batch): flips, noise levels and noise of an example do not depend on the
+        world size or on gradient accumulation, and a resumed run draws what an uninterrupted one would."""
+        return sample_generators(hash_seed(self.cfg.train.seed, 2, self.step), n, offset=self.dist.rank * n)
+
+    def _gradients(self, indices) -> torch.Tensor:
+        """Accumulate the gradient of the mean loss over `indices` in grad_accum micro-batches; DDP averages it
+        over the processes on the last one. Returns the mean loss (0-d tensor, no host sync)."""
         t = self.cfg.train
-        x0, y = self.data.batch(indices, generator=self.gen_aug, flip=self.cfg.data.flip, device=self.device)
+        n = len(indices)
+        gens = self.example_generators(n)
+        x0, y = self.data.batch(indices, generator=gens, flip=self.cfg.data.flip, device=self.device)
         if t.channels_last and self.is_image:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+            x0 = x0.contiguous(memory_format=torch.channels_last)  # (n, C, H, W)
+        total = torch.zeros((), device=self.device)
+        bounds = [n * i // t.grad_accum for i in range(t.grad_accum + 1)]
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            last = i == t.grad_accum - 1
+            no_sync = self.ddp_net.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast():
+                    cond = self._cond(None if y is None else y[a:b])
+                    loss = self.objective(self.train_denoiser, x0[a:b], cond, generator=gens[a:b]) * ((b - a) / n)
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    def train_step(self, indices) -> torch.Tensor:
+        """One optimizer step on this process's `indices`: gradients (objective + backward, all-reduced), clipping,
+        AdamW, EMA. Returns the loss as a 0-d tensor without synchronising with the device."""
+        t = self.cfg.train
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, t)
-        with self.autocast():
-            loss = self.objective(self.denoiser, x0, self._cond(y), generator=self.gen_noise)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss = self._gradients(indices)
+        except Exception as e:
+            if not self._compile_pending:
+                raise
+            warnings.warn(f"train.compile: the compiled network failed ({type(e).__name__}: {e}); training eagerly")
+            self._set_train_net(self.ddp_net)
+            self.opt.zero_grad(set_to_none=True)
+            loss = self._gradients(indices)
+        self._compile_pending = False
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip, foreach=True)
         self.opt.step()
         self.ema.update(self.net)
         self.step += 1
-        return loss.detach()
+        return loss
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -275,13 +340,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
         t = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.run_dir / "config.yaml")
+        main = self.dist.is_main
         log_dir = self.run_dir / "logs"
-        if self.resumed_from:  # drop scalars logged after the checkpoint we continue from
-            kept = [m for m in read_metrics(log_dir) if m["step"] <= self.step]
-            (log_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
-        writer = ScalarWriter(log_dir)
+        writer = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+            if self.resumed_from:  # drop scalars logged after the checkpoint we continue from
+                kept = [m for m in read_metrics(log_dir) if m["step"] <= self.step]
+                (log_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
+            writer = ScalarWriter(log_dir)
         start_step, t0 = self.step, time.time()
         deadline = t0 + 60 * t.max_minutes if t.max_minutes > 0 else math.inf
         bar = None
@@ -290,7 +358,7 @@ class Trainer:
 
             bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.cfg.name}", unit="step",
                        dynamic_ncols=True)
-        loss_sum, loss_n, window_t, window_steps = torch.zeros(()), 0, time.time(), 0
+        loss_sum, loss_n, window_t, window_steps = torch.zeros((), device=self.device), 0, time.time(), 0
         stopped_early, last_line = False, 0.0
         previous_term = _interrupt_on_sigterm()
         try:
@@ -303,29 +371,48 @@ class Trainer:
                     bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     now = time.time()
-                    loss = float(loss_sum) / loss_n
+                    loss = float(all_mean(loss_sum, self.dist)) / loss_n  # the one host sync, at log steps
                     ips = window_steps * t.batch_size / max(now - window_t, 1e-9)
-                    writer.add_scalars(self.step, {"loss": loss, "lr": self.opt.param_groups[0]["lr"],
-                                                   "images_per_s": ips})
+                    if writer is not None:
+                        writer.add_scalars(self.step, {"loss": loss, "lr": self.opt.param_groups[0]["lr"],
+                                                       "images_per_s": ips})
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
-                    elif self.log_lines and now - last_line >= 15:
+                    elif self.log_lines and main and now - last_line >= 15:
                         print(f"step {self.step}/{t.steps}  loss {loss:.4f}  {ips:.0f} img/s  "
                               f"{now - t0:.0f} s", file=sys.stderr, flush=True)
                         last_line = now
                     loss_sum.zero_()
                     loss_n, window_t, window_steps = 0, now, 0
-                if t.sample_every and self.step % t.sample_every == 0:
+                if t.sample_every and self.step % t.sample_every == 0 and self.cfg.model.kind != "classifier":
                     self.net.eval()
-                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:07d}.png")
+                    if main:
+                        self.sample_grid(self.run_dir / "samples" / f"step_{self.step:07d}.png")
                     self.net.train()
+                    barrier(self.dist)
+                if t.eval_every and self.step % t.eval_every == 0 and self.cfg.model.kind != "classifier":
+                    self.net.eval()
+                    if main:
+                        from .evaluate import periodic_evaluation
+
+                        scalars = periodic_evaluation(self.ema_denoiser, self.cfg, tuple(self.data.sample_shape),
+                                                      device=self.device)
+                        if scalars and writer is not None:
+                            writer.add_scalars(self.step, scalars)
+                    self.net.train()
+                    barrier(self.dist)
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                     self.checkpoint(writer)
-                if time.time() > deadline:
+                if self.dist.enabled:  # all processes must stop at the same step: rank 0 decides at log steps
+                    over = self.step % t.log_every == 0 and broadcast_flag(time.time() > deadline, self.dist,
+                                                                           self.device)
+                else:
+                    over = time.time() > deadline
+                if over and self.step < t.steps:
                     stopped_early = True
                     break
         except KeyboardInterrupt:
-            self.checkpoint(writer)
+            self.checkpoint(writer, sync=False)
             print(f"\ninterrupted at step {self.step}: saved {self.ckpt_dir / 'last.safetensors'}; "
                   "run the same command again to continue", file=sys.stderr)
             raise
@@ -336,11 +423,12 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous_term)
         if stopped_early:
             self.checkpoint(writer)
-        writer.close()
         elapsed = time.time() - t0
-        metrics = read_metrics(log_dir)
-        if metrics:
-            viz.loss_curve(metrics, self.run_dir / "loss_curve.png")
+        if writer is not None:
+            writer.close()
+            metrics = read_metrics(log_dir)
+            if metrics:
+                viz.loss_curve(metrics, self.run_dir / "loss_curve.png")
         steps_done = self.step - start_step
         return {
             "steps": self.step, "steps_this_run": steps_done, "seconds": elapsed,
@@ -348,8 +436,15 @@ class Trainer:
             "stopped_early": stopped_early, "run_dir": str(self.run_dir),
         }
 
-    def checkpoint(self, writer: ScalarWriter | None = None) -> None:
-        """Validation loss with the EMA weights, then last (and best, if it improved) checkpoints."""
+    def checkpoint(self, writer: ScalarWriter | None = None, sync: bool = True) -> None:
+        """Validation loss with the EMA weights, then last (and best, if it improved) checkpoints; on rank 0
+        only, the other processes wait at a barrier (sync=False: no barrier, for an interrupted run)."""
+        if self.dist.is_main:
+            self._checkpoint(writer)
+        if sync:
+            barrier(self.dist)
+
+    def _checkpoint(self, writer: ScalarWriter | None = None) -> None:
         val = self.validation_loss()
         if writer is not None:
             writer.add_scalars(self.step, {"val_loss_ema": val})
@@ -357,6 +452,15 @@ class Trainer:
             self.best_val = val
             self._save("best")
         self._save("last")
+
+
+def _adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) with the fused kernel (CPU and CUDA in recent PyTorch), else foreach."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
 def train(cfg: RunConfig, **kwargs) -> dict:

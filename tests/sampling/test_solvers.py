@@ -39,3 +39,12 @@ def test_sliced_w2_and_steps_for():
     a = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
     assert sliced_w2(a, a) == 0 and abs(sliced_w2(a, a + 1.0) - 1.0) < 0.1  # E[(u.1)^2] = |1|^2 / 3 = 1
     assert steps_for(lambda s: 2 * s - 1, 10) == 5 and steps_for(lambda s: 3 * s + 1, 2) is None
+
+
+def test_tune_schedule_improves_its_objective():
+    from torchdiffusion.sampling.benchmark import tune_schedule
+
+    ramp, final, init = tune_schedule("dpmpp_2m", {"final": "heun0"}, 4, mixes=[ring_mixture(4, 1.0, 0.1)], n=64,
+                                      maxiter=40, n_dirs=16)
+    assert len(ramp) == 4 and ramp[0] == 0 and all(a < b for a, b in zip(ramp, ramp[1:])) and ramp[-1] <= 1
+    assert final <= init

@@ -10,6 +10,7 @@ from typing import Optional
 
 from torch import nn
 
+from .classifier import ClassifierConfig, NoisyClassifier
 from .embeddings import TimeEmbedding, timestep_embedding
 from .mlp import MLPConfig, MLPDenoiserNet, ResMLPBlock
 from .unet import UNET_PRESETS, UNet, UNetConfig, build_unet, count_parameters
@@ -33,5 +34,5 @@ def build_net(kind: str, **cfg) -> nn.Module:
 
 __all__ = [
     "NETS", "build_net", "timestep_embedding", "TimeEmbedding", "UNet", "UNetConfig", "UNET_PRESETS", "build_unet",
-    "count_parameters", "MLPDenoiserNet", "MLPConfig", "ResMLPBlock",
+    "count_parameters", "MLPDenoiserNet", "MLPConfig", "ResMLPBlock", "ClassifierConfig", "NoisyClassifier",
 ]

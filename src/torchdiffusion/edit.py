@@ -1,0 +1,341 @@
+"""Editing and constrained sampling on the denoiser contract: projections applied after every sampler step,
+inpainting (replacement and RePaint resampling), SDEdit, DDIM inversion, interpolation, and the
+super-resolution cascade.
+
+Everything here drives the ordinary samplers (:data:`torchdiffusion.sampling.SAMPLERS`) over sub-sequences of
+a sigma grid and works in VE coordinates (x = x0 + sigma n):
+
+* constrained sampling: after each step sigma -> sigma' the state is projected, x <- Pi_C(x, sigma'), and the
+  result (sigma' = 0) lies in C exactly. Box: clamp. Linear equality A x = b: the orthogonal projection
+  x - A^T (A A^T)^-1 (A x - b'), with b' = b + sigma' A n when `noisy` (the constrained part set to a draw of
+  its noised value, so intermediate states stay on the noisy marginal).
+* inpainting (mask = 1 on known pixels) is the equality constraint with A the pixel selection: known pixels are
+  replaced by image + sigma' n after every step (Song et al. 2021, "Score-based generative modeling through
+  SDEs", app. I; Lugmayr et al. 2022, "RePaint", eq. 8), and RePaint's resampling (Alg. 1) goes back up
+  `jump_length` levels by the forward process, x <- x + sqrt(sigma_hi^2 - sigma_lo^2) n, `resample` times.
+* SDEdit (Meng et al. 2022): x = image + sigma(t0) n, then the sampler on the grid truncated to start at t0.
+* DDIM inversion (Song et al. 2021, sec. 4.3; Dhariwal & Nichol 2021, app. F): the probability-flow ODE run
+  from sigma = 0 up to sigma_max; DDIM sampling from the result reconstructs the image.
+* interpolation: invert two images, slerp the noises, decode each with DDIM.
+* cascade (Ho et al. 2021, "Cascaded diffusion models"): a base model, then a super-resolution model
+  conditioned on its samples, noise-augmented at level `aug_sigma`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .objectives import low_res_condition
+from .sampling import get_sampler
+from .sampling.core import expand_sigma, to_d
+from .utils import check_choice, hash_seed, randn, randn_like, sample_generators, slerp
+
+# Samplers whose step over [sigma, sigma'] depends only on (x, sigma, sigma'): they can be run one interval at a
+# time with a projection in between. Multistep samplers (dpmpp_2m/3m, unipc, ...) would lose their history.
+STEP_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "euler_ancestral", "dpmpp_2s")
+MASKS = ("left", "right", "top", "bottom", "center", "outside")  # the named region is the one to fill
+CASCADE_STREAM = 7  # seed stream of the super-resolution stage's noise (base stage: the seed itself)
+
+Projection = Callable[..., torch.Tensor]  # project(x, sigma, *, generator=None) -> x in C (at level sigma)
+
+
+# --------------------------------------------------------------------------------------------- projections
+def box_projection(lo: float = -1.0, hi: float = 1.0) -> Projection:
+    """Pi_C for the box C = [lo, hi]^D: elementwise clamp (at every noise level)."""
+    if not lo < hi:
+        raise ValueError(f"need lo < hi, got {lo}, {hi}")
+
+    def project(x, sigma, *, generator=None):
+        return x.clamp(lo, hi)
+
+    return project
+
+
+def linear_equality_projection(A: torch.Tensor, b: torch.Tensor, *, noisy: bool = True) -> Projection:
+    """Pi_C for C = {x : A x = b} per sample (x flattened to D): x - A^T (A A^T)^-1 (A x - b').
+
+    A: (m, D) of full row rank; b: (m,) or (N, m). With `noisy`, b' = b + sigma A n (n ~ N(0, I_D) from the
+    generator) so that at level sigma the constrained part is a draw of its noised value; at sigma = 0, b' = b.
+    """
+    A = torch.as_tensor(A, dtype=torch.float64)
+    if A.ndim != 2:
+        raise ValueError(f"A must have shape (m, D), got {tuple(A.shape)}")
+    gram = A @ A.T  # (m, m)
+    try:
+        chol = torch.linalg.cholesky(gram)
+    except RuntimeError:
+        raise ValueError("A must have full row rank (A A^T is singular)") from None
+    b = torch.as_tensor(b, dtype=torch.float64)
+
+    def project(x, sigma, *, generator=None):
+        xf = x.to(torch.float64).flatten(1)  # (N, D)
+        if xf.shape[1] != A.shape[1]:
+            raise ValueError(f"A has {A.shape[1]} columns but samples have {xf.shape[1]} values")
+        target = b.to(xf.device).expand(xf.shape[0], A.shape[0])  # (N, m)
+        if noisy and float(sigma) > 0:
+            n = randn(xf.shape, generator=generator, dtype=x.dtype).to(xf.device, torch.float64)  # (N, D)
+            target = target + float(sigma) * n @ A.T
+        r = xf @ A.T - target  # (N, m)
+        lam = torch.cholesky_solve(r.T, chol).T  # (N, m) = r (A A^T)^-1
+        return (xf - lam @ A).view_as(x).to(x.dtype)
+
+    return project
+
+
+def inpaint_projection(image: torch.Tensor, mask: torch.Tensor) -> Projection:
+    """Replacement (Lugmayr et al. 2022, eq. 8): known pixels (mask = 1) <- image + sigma n; others kept.
+
+    This is :func:`linear_equality_projection` with A selecting the known pixels (same noise draws), computed
+    with a mask; at sigma = 0 the known pixels equal `image` exactly.
+    """
+    keep = mask.to(torch.bool)
+
+    def project(x, sigma, *, generator=None):
+        if float(sigma) > 0:
+            known = image + float(sigma) * randn_like(x, generator=generator)  # (N, C, H, W)
+        else:
+            known = image.expand_as(x)
+        return torch.where(keep, known.to(x.dtype), x)
+
+    return project
+
+
+# ------------------------------------------------------------------------------------ constrained sampling
+def check_step_sampler(sampler: str) -> str:
+    return check_choice("sampler (single-step samplers only)", sampler, STEP_SAMPLERS)
+
+
+def resample_path(steps: int, jump_length: int = 1, resample: int = 1) -> list[int]:
+    """Indices into a sigma grid of `steps` intervals visited by RePaint (Lugmayr et al. 2022, Alg. 1 with
+    jumps, their sec. 4.2): walk down one level at a time; after every `jump_length` levels go back up
+    `jump_length` levels, so each block is traversed `resample` times. resample = 1 is the plain descent."""
+    if jump_length < 1 or resample < 1:
+        raise ValueError(f"jump_length and resample must be at least 1, got {jump_length}, {resample}")
+    path, i, jumps = [0], 0, {}
+    while i < steps:
+        i += 1
+        path.append(i)
+        if i % jump_length == 0 and i < steps and jumps.get(i, 0) < resample - 1:
+            jumps[i] = jumps.get(i, 0) + 1
+            i -= jump_length
+            path.append(i)
+    return path
+
+
+@torch.no_grad()
+def sample_constrained(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, project: Projection,
+                       sampler: str = "ddim", resample: int = 1, jump_length: int = 1, generator=None,
+                       callback=None, **opts) -> torch.Tensor:
+    """Run `sampler` one interval sigmas[i:i+2] at a time and apply x <- project(x, sigmas[i+1]) after every
+    step (and to the start). With resample > 1, RePaint's resampling (:func:`resample_path`): going back up
+    from level lo to hi adds forward noise, x + sqrt(hi^2 - lo^2) n. Only single-step samplers (STEP_SAMPLERS)
+    are allowed: a multistep one would restart at its first-order step in every interval. Heun's churn is
+    computed per interval (n = 1 in Karras et al.'s gamma)."""
+    fn = get_sampler(check_step_sampler(sampler))
+    x = project(x, sigmas[0], generator=generator)
+    path = resample_path(len(sigmas) - 1, jump_length, resample)
+    for k, (a, b) in enumerate(zip(path[:-1], path[1:])):
+        if b > a:  # one step down
+            step_cb = None if callback is None else (lambda info, k=k: callback({**info, "i": k}))
+            x = fn(denoiser, x, sigmas[a:b + 1], generator=generator, callback=step_cb, **opts)
+            x = project(x, sigmas[b], generator=generator)
+        else:  # back up by the forward process q(x_hi | x_lo)
+            x = x + (sigmas[b] ** 2 - sigmas[a] ** 2).sqrt() * randn_like(x, generator=generator)
+    return x
+
+
+def _check_mask(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = torch.as_tensor(mask)
+    try:
+        ok = torch.broadcast_shapes(mask.shape, image.shape) == image.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the images {tuple(image.shape)}; "
+                         f"give one that broadcasts, e.g. {tuple(image.shape[-2:])}")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must hold only 0 (to fill) and 1 (known)")
+    return mask.to(image.device)
+
+
+def inpaint(denoiser, image: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor, *, sampler: str = "ddpm",
+            resample: int = 1, jump_length: int = 10, generator=None, callback=None, **opts) -> torch.Tensor:
+    """Fill the pixels where mask = 0 given `image` (N, ...) where mask = 1, with any unconditional (or
+    Conditioned) denoiser; the known pixels of the result equal `image` exactly. resample = 1 is the
+    replacement method, resample > 1 RePaint's resampling with `jump_length`."""
+    mask = _check_mask(image, mask)
+    x = randn_like(image, generator=generator) * sigmas[0]
+    return sample_constrained(denoiser, x, sigmas, project=inpaint_projection(image, mask), sampler=sampler,
+                              resample=resample, jump_length=jump_length, generator=generator, callback=callback,
+                              **opts)
+
+
+# ------------------------------------------------------------------------------------------------- SDEdit
+def sdedit_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The grid truncated to its last round(strength * steps) intervals: strength 1 is the whole grid,
+    strength -> 0 no step at all (only the final 0)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    steps = len(sigmas) - 1
+    return sigmas[steps - int(round(strength * steps)):]
+
+
+@torch.no_grad()
+def sdedit(denoiser, image: torch.Tensor, sigmas: torch.Tensor, strength: float, *, sampler: str = "ddim",
+           generator=None, callback=None, **opts) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022, Alg. 1): x = image + sigma(t0) n at the level where a `strength` fraction of
+    the grid remains, then the sampler from there to 0. strength small: close to the input; 1: a new sample."""
+    sub = sdedit_sigmas(sigmas, strength)
+    if len(sub) < 2:
+        return image.clone()
+    x = image + sub[0] * randn_like(image, generator=generator)
+    return get_sampler(sampler)(denoiser, x, sub, generator=generator, callback=callback, **opts)
+
+
+# -------------------------------------------------------------------------------------------- DDIM inversion
+@torch.no_grad()
+def ddim_invert(denoiser, image: torch.Tensor, sigmas: torch.Tensor, *, iters: int = 0,
+                callback=None) -> torch.Tensor:
+    """The noise at sigmas[0] from which deterministic DDIM on `sigmas` (decreasing, ending in 0) returns
+    `image`: the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma integrated upwards.
+
+    DDIM with eta = 0 in VE coordinates is the Euler step x_lo = x_hi + (lo - hi) d(x_hi, hi). The inversion
+    takes the explicit Euler step upwards, x_hi = x_lo + (hi - lo) d(x_lo, lo) (Song et al. 2021, sec. 4.3;
+    from lo = 0, where d is undefined, d(x_lo, hi)); its error is O(step size). Inverting the sampler's step
+    exactly means solving x_hi = x_lo + (hi - lo) d(x_hi, hi): `iters` fixed-point iterations of that equation
+    refine each step (Pan et al. 2023, "Effective real image editing with accelerated iterative diffusion
+    inversion"); they converge where (hi - lo) |dd/dx| < 1, i.e. for small enough steps.
+    """
+    if iters < 0:
+        raise ValueError(f"iters must be non-negative, got {iters}")
+    x = image
+    rev = sigmas.flip(0)  # increasing: 0, sigma_min, ..., sigma_max
+    for i, (lo, hi) in enumerate(zip(rev[:-1], rev[1:])):
+        x_lo, level = x, (lo if lo > 0 else hi)
+        denoised = denoiser(x_lo, expand_sigma(level, x_lo))
+        x = x_lo + (hi - lo) * to_d(x_lo, level, denoised)
+        for _ in range(iters):
+            denoised = denoiser(x, expand_sigma(hi, x))
+            x = x_lo + (hi - lo) * to_d(x, hi, denoised)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": hi, "sigma_prev": lo, "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def interpolate(denoiser, a: torch.Tensor, b: torch.Tensor, sigmas: torch.Tensor, *, frames: int = 8,
+                iters: int = 0) -> torch.Tensor:
+    """Invert images a and b (C, H, W), slerp their noises at t = 0 .. 1 (`frames` values) and decode each with
+    DDIM. Returns (frames, C, H, W); the ends reconstruct a and b up to the inversion error."""
+    if frames < 2:
+        raise ValueError(f"frames must be at least 2, got {frames}")
+    z = ddim_invert(denoiser, torch.stack([a, b]), sigmas, iters=iters)  # (2, C, H, W)
+    ts = torch.linspace(0, 1, frames).tolist()
+    zs = torch.cat([slerp(z[:1], z[1:], t) for t in ts])  # (frames, C, H, W)
+    return get_sampler("ddim")(denoiser, zs, sigmas)
+
+
+# ---------------------------------------------------------------------------------------------------- cascade
+def sample_cascade(base, sr, base_shape: tuple, sr_shape: tuple, *, n: int, aug_sigma: float = 0.0, seed: int = 0,
+                   low_res: int | None = None, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-stage cascade (Ho et al. 2021): `base` draws n low-resolution samples of `base_shape`; `sr`, a denoiser
+    whose net takes `low_res` / `low_res_sigma` (UNet cond_channels > 0), draws the high-resolution ones of
+    `sr_shape` conditioned on them, noised at level `aug_sigma` (conditioning augmentation). Sample i of both
+    stages uses its own generators, so results do not depend on batching. Returns (low, high)."""
+    from .pipeline import generate
+
+    if aug_sigma < 0:
+        raise ValueError(f"aug_sigma must be non-negative, got {aug_sigma}")
+    size = low_res or base_shape[-1]
+    if base_shape[-1] != size or base_shape[-2] != size or base_shape[0] != sr_shape[0]:
+        raise ValueError(f"the super-resolution model takes {sr_shape[0]}x{size}x{size} conditioning images but "
+                         f"the base model draws {'x'.join(map(str, base_shape))}")
+    low = generate(base, base_shape, n=n, seed=seed, **generate_kwargs)  # (n, C, h, w)
+    aug = torch.full((n,), float(aug_sigma))
+    cond = low_res_condition(low, size, aug, generator=sample_generators(hash_seed(seed, CASCADE_STREAM), n))
+    high = generate(sr, sr_shape, n=n, seed=hash_seed(seed, CASCADE_STREAM + 1), cond=cond, **generate_kwargs)
+    return low, high
+
+
+# --------------------------------------------------------------------------------------- inputs from the CLI
+def _parse_indices(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise ValueError(f"bad index list {text!r}; use e.g. 0,3,5 or 0-7")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def load_images(spec: str, shape: tuple) -> torch.Tensor:
+    """Images in [-1, 1] of the model's `shape` (C, H, W) from `spec`: an image file (PNG, JPG, ...), a .npz/.npy
+    file (all its images), or DATASET:INDICES with a dataset name or path `make_dataset` accepts and indices
+    like 0,3,5 or 0-7 (e.g. mnist-test:0-7; resized to H x W). Returns (N, C, H, W) float32."""
+    from .data import NPZ_SUFFIXES, make_dataset
+    from .data.images import load_npz
+
+    c, h, w = shape
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() in NPZ_SUFFIXES:
+        x = load_npz(path)[0]
+    elif path.is_file():
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L" if c == 1 else "RGB"))
+        x = torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1)).permute(2, 0, 1)[None]
+    elif ":" in spec:
+        name, idx = spec.rsplit(":", 1)
+        data = make_dataset(name, split="test" if name.lower() == "mnist" else "train", image_size=(h, w))
+        ids = _parse_indices(idx)
+        if max(ids) >= len(data):
+            raise ValueError(f"index {max(ids)} is out of range for {name!r} ({len(data)} images)")
+        return _check_shape(data.batch(torch.tensor(ids))[0], shape, spec)
+    else:
+        raise FileNotFoundError(f"images {spec!r}: no such file; give an image, a .npz file or DATASET:INDICES "
+                                f"(e.g. mnist-test:0-7)")
+    return _check_shape(x.float() / 127.5 - 1, shape, spec)
+
+
+def _check_shape(x: torch.Tensor, shape: tuple, what: str) -> torch.Tensor:
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"images from {what!r} have shape {tuple(x.shape[1:])} but the model expects "
+                         f"{tuple(shape)}")
+    return x.float()
+
+
+def make_mask(spec: str, shape: tuple) -> torch.Tensor:
+    """A mask (1 = known, 0 = to fill) of shape (1, H, W) for images of `shape` (C, H, W): a named region to fill
+    (MASKS: left, right, top, bottom half, center square, outside = all but the center square) or an image /
+    .npz file whose nonzero pixels are the known ones."""
+    _, h, w = shape
+    if spec in MASKS:
+        m = torch.ones(1, h, w)
+        ch, cw = slice(h // 4, h - h // 4), slice(w // 4, w - w // 4)
+        region = {"left": (slice(None), slice(0, w // 2)), "right": (slice(None), slice(w // 2, w)),
+                  "top": (slice(0, h // 2), slice(None)), "bottom": (slice(h // 2, h), slice(None)),
+                  "center": (ch, cw), "outside": (ch, cw)}[spec]
+        m[(slice(None), *region)] = 0
+        return 1 - m if spec == "outside" else m
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ValueError(f"mask {spec!r} is neither a file nor a named mask; named masks: {', '.join(MASKS)}")
+    from .data import NPZ_SUFFIXES
+    from .data.images import load_npz
+
+    if path.suffix.lower() in NPZ_SUFFIXES:
+        arr = load_npz(path)[0][0]  # (C, H, W) uint8
+    else:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = torch.from_numpy(np.asarray(im.convert("L")).copy())[None]
+    if tuple(arr.shape[-2:]) != (h, w):
+        raise ValueError(f"mask {spec!r} has shape {tuple(arr.shape[-2:])} but the images are {h}x{w}")
+    return (arr[:1] > 0).float()

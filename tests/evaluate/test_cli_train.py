@@ -1,0 +1,65 @@
+"""`torchdiffusion evaluate` / `train-classifier` and the periodic evaluation during training."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from torchdiffusion.cli import main
+from torchdiffusion.config import load_config
+from torchdiffusion.evaluate.classifier import classifier_path
+from torchdiffusion.tracking import read_metrics
+from torchdiffusion.train import Trainer
+
+needs_classifier = pytest.mark.skipif(not classifier_path("mnist").exists(),
+                                      reason="no trained classifier in the cache (torchdiffusion train-classifier)")
+
+
+@needs_classifier
+def test_evaluate_npz_of_uint8_and_float_samples(tmp_path, capsys):
+    from torchdiffusion.evaluate import real_images
+
+    x, _ = real_images("mnist", "test", 64, seed=0, offset=2000)
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8).numpy()                  # (N, 1, 28, 28)
+    np.savez(tmp_path / "u8.npz", samples=u8[:, 0, :, :, None])             # (N, H, W, C) layout
+    np.savez(tmp_path / "f.npz", samples=(u8.astype(np.float32) / 127.5 - 1))
+    res = []
+    for name in ("u8", "f"):
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", str(tmp_path / f"{name}.npz"), "--out", str(out)]) == 0
+        res.append(json.loads(out.read_text()))
+    err = capsys.readouterr().err
+    assert "uint8 0..255" in err and "floats in [-1, 1]" in err
+    assert res[0]["fd"] == pytest.approx(res[1]["fd"], rel=1e-6) and res[0]["n"] == 64
+    np.savez(tmp_path / "bad.npz", samples=np.full((4, 1, 28, 28), 3.0, dtype=np.float32))
+    assert main(["evaluate", str(tmp_path / "bad.npz")]) == 2
+    assert "expected [-1, 1]" in capsys.readouterr().err
+
+
+def test_train_classifier_reports_existing(tmp_cache, capsys):
+    from torchdiffusion.checkpoint import save_checkpoint
+    from torchdiffusion.evaluate import classifier as clf
+
+    m = clf.MNISTClassifier()
+    save_checkpoint(clf.classifier_path(), meta={"kind": clf.CLASSIFIER_FORMAT, "arch": m.config,
+                                                 "test_accuracy": 0.25}, model=m.state_dict())
+    assert main(["train-classifier"]) == 0
+    assert "0.2500" in capsys.readouterr().out
+
+
+@needs_classifier
+def test_periodic_evaluation_is_logged_beside_the_loss(tmp_path):
+    cfg = load_config("tiny", [f"out_dir={tmp_path}", "train.steps=4", "train.ckpt_every=0", "train.log_every=2",
+                               "train.eval_every=3", "train.eval_samples=32", "sample.steps=2"])
+    Trainer(cfg, progress=False).fit()
+    rows = [m for m in read_metrics(tmp_path / cfg.name / "logs") if "fd" in m]
+    assert [m["step"] for m in rows] == [3]
+    assert all(m["fd"] > 0 and 0 <= m["precision"] <= 1 and "kid" in m and "fd_floor" in m for m in rows)
+
+
+def test_periodic_evaluation_skips_non_mnist_data(tmp_path, capsys):
+    cfg = load_config("toy2d", [f"out_dir={tmp_path}", "train.steps=2", "train.ckpt_every=0", "train.eval_every=1",
+                                "train.sample_every=0"])
+    Trainer(cfg, progress=False).fit()
+    assert "periodic evaluation needs MNIST" in capsys.readouterr().err
+    assert not any("fd" in m for m in read_metrics(tmp_path / cfg.name / "logs"))

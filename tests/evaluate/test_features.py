@@ -1,0 +1,99 @@
+"""The MNIST classifier, the FID InceptionV3 architecture and evaluate_samples."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchdiffusion.checkpoint import save_checkpoint
+from torchdiffusion.evaluate import classifier as clf
+from torchdiffusion.evaluate import inception as inc
+
+
+def test_classifier_shapes_and_random_shift():
+    m = clf.MNISTClassifier().eval()
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    assert m(x).shape == (5, 10) and m.features(x).shape == (5, m.feature_dim)
+    with pytest.raises(ValueError, match="28, 28"):
+        m.features(torch.zeros(2, 1, 32, 32))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(clf.random_shift(x, 0, generator=g), x)
+    img = torch.full((64, 1, 28, 28), -1.0)
+    img[:, :, 10:14, 12:15] = 1.0                       # a blob away from the border: shifts keep all of it
+    s = clf.random_shift(img, 2, generator=g)
+    assert torch.equal((s == 1).sum((1, 2, 3)), (img == 1).sum((1, 2, 3)))
+    pos = (s[:, 0] == 1).nonzero()
+    assert pos[:, 1].min() >= 8 and pos[:, 1].max() <= 15 and not torch.equal(s[0], s[1:].mean(0))
+
+
+def test_load_classifier_missing_says_how_to_train(tmp_cache):
+    with pytest.raises(FileNotFoundError, match="torchdiffusion train-classifier"):
+        clf.load_classifier("mnist")
+    with pytest.raises(ValueError, match="allowed values"):
+        clf.classifier_path("cifar10")
+
+
+def test_classifier_file_round_trip(tmp_cache):
+    m = clf.MNISTClassifier()
+    meta = {"kind": clf.CLASSIFIER_FORMAT, "dataset": "mnist", "arch": m.config, "test_accuracy": 0.5}
+    save_checkpoint(clf.classifier_path("mnist"), meta=meta, model=m.state_dict())
+    loaded = clf.load_classifier("mnist")
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    assert torch.allclose(loaded(x), m.eval()(x))
+    assert clf.classifier_metadata()["test_accuracy"] == 0.5
+
+
+def test_trained_classifier_accuracy_if_present():
+    """The cached classifier (``torchdiffusion train-classifier``) reads > 98.5 % of 2000 test digits correctly."""
+    if not clf.classifier_path("mnist").exists():
+        pytest.skip("no trained classifier in the cache")
+    from torchdiffusion.evaluate import real_images
+
+    x, y = real_images("mnist", "test", 2000, seed=3)
+    assert clf.classifier_accuracy(clf.load_classifier(), x, y) > 0.985
+    assert clf.classifier_metadata()["test_accuracy"] > 0.99
+
+
+def test_fid_inception_architecture():
+    """23,850,960 parameters = torchvision's published inception_v3 count 27,161,264 minus the auxiliary head
+    (3,326,696) plus the 8 extra classes of the 1008-way FID graph (8 x 2049); 2048-d pool3 features."""
+    m = inc.FIDInceptionV3().eval()
+    assert sum(p.numel() for p in m.parameters()) == 27_161_264 - 3_326_696 + 8 * 2049
+    with torch.no_grad():
+        f = m(torch.rand(2, 1, 28, 28) * 2 - 1)
+    assert f.shape == (2, inc.FID_FEATURE_DIM) and (f >= 0).all()
+
+
+def test_fid_preprocess_quantizes_and_resizes_like_pytorch_fid():
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    out = inc.fid_preprocess(x)
+    u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)            # what a PNG stores
+    ref = 2 * F.interpolate(u8.float().div(255).repeat(1, 3, 1, 1), size=(299, 299), mode="bilinear",
+                            align_corners=False) - 1
+    assert out.shape == (2, 3, 299, 299) and torch.allclose(out, ref, atol=1e-6)
+
+
+def test_inception_weights_missing_or_wrong(tmp_cache):
+    with pytest.raises(FileNotFoundError, match=inc.INCEPTION_WEIGHTS_FILE):
+        inc.load_inception()
+    p = inc.inception_weights_path()
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"not the weights")
+    with pytest.raises(ValueError, match="SHA-256"):
+        inc.load_inception()
+    assert inc.INCEPTION_SHA256.startswith(inc.INCEPTION_WEIGHTS_FILE.split("-")[-1].split(".")[0])
+
+
+def test_evaluate_samples_on_real_digits():
+    """Real test digits disjoint from both reference sets as 'samples': FD near the real-vs-real floor, every class
+    covered, labels read correctly; uniform noise is far away."""
+    if not clf.classifier_path("mnist").exists():
+        pytest.skip("no trained classifier in the cache")
+    from torchdiffusion.evaluate import evaluate_samples, real_images
+
+    x, y = real_images("mnist", "test", 300, seed=0, offset=600)      # R1, R2 are images 0..599
+    r = evaluate_samples(x, labels=y)
+    assert r["fd"] < 1.5 * r["fd_floor"] and r["precision"] > 0.7 and r["recall"] > 0.7
+    assert sum(r["class_counts"]) == 300 and r["class_coverage"] == 1.0 and r["accuracy"] > 0.97
+    noise = evaluate_samples(torch.rand(300, 1, 28, 28) * 2 - 1)
+    assert noise["fd"] > 10 * r["fd"] and noise["precision"] < 0.3
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_samples(torch.zeros(4, 3, 28, 28))
