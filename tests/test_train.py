@@ -173,3 +173,15 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
         tr.train_step(torch.arange(32))
     for a, b in zip(eager.net.parameters(), tr.net.parameters()):
         assert torch.equal(a, b)
+
+
+def test_config_differences_treats_missing_keys_as_defaults():
+    from torchdiffusion.config import RunConfig, to_dict
+    from torchdiffusion.train import config_differences
+
+    new = to_dict(RunConfig())
+    old = to_dict(RunConfig())
+    del old["diffusion"]["objective"]["cond_drop_prob"]  # saved before the field existed
+    assert config_differences(old, new) == []
+    new["diffusion"]["objective"]["cond_drop_prob"] = 0.1
+    assert config_differences(old, new) == ["diffusion.objective.cond_drop_prob: 0.0 -> 0.1"]

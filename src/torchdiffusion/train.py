@@ -105,8 +105,10 @@ def _flat_config(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(a: dict, b: dict) -> list[str]:
-    """Keys whose values differ and that a continuation may not change."""
-    fa, fb = _flat_config(a), _flat_config(b)
+    """Keys whose values differ and that a continuation may not change. A key missing from either side (a run
+    saved before that field existed) counts as its default value."""
+    defaults = _flat_config(to_dict(RunConfig()))
+    fa, fb = {**defaults, **_flat_config(a)}, {**defaults, **_flat_config(b)}
     diffs = []
     for k in sorted(set(fa) | set(fb)):
         if fa.get(k) != fb.get(k) and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES):
