@@ -232,3 +232,22 @@ def test_generate_labels_independent_of_batch_size_and_cli(tmp_path, capsys):
     assert "class1_cfg4" in capsys.readouterr().out
     assert cli_main(["sample", ckpt, "--guidance", "classifier", "--n", "2", "--steps", "2"]) == 2
     assert "classifier" in capsys.readouterr().err
+
+
+def test_sample_config_final_step_reaches_the_sampler(tmp_path):
+    """sample.final is passed to samplers that take a final step, and an option a sampler lacks is refused."""
+    from torchdiffusion.config import SampleConfig
+    from torchdiffusion.pipeline import sample_kwargs
+
+    tr = Trainer(_tiny_cfg(tmp_path, "unet", "train.steps=2"), dataset=_tiny_images(), progress=False)
+    tr.fit()  # a fresh U-Net's output layer is zero: D(x) = x, and every final step agrees
+    kw = sample_kwargs(SampleConfig(sampler="dpmpp_3m", steps=5, spacing="optimized", final="heun0", n=3),
+                       (1, 8, 8))
+    assert kw["final"] == "heun0"
+    a = generate(tr.ema_denoiser, (1, 8, 8), n=3, **{**kw, "clip_x0": False})
+    b = generate(tr.ema_denoiser, (1, 8, 8), n=3, **{**kw, "clip_x0": False, "final": "denoise"})
+    assert not torch.allclose(a, b)
+    assert generate(tr.ema_denoiser, (1, 8, 8), n=3, **kw).abs().max() <= 1.0  # clip_x0 bounds the samples too
+    assert "final" not in sample_kwargs(SampleConfig(), (1, 8, 8))
+    with pytest.raises(ValueError, match="takes no option"):
+        generate(tr.ema_denoiser, (1, 8, 8), n=1, sampler="ddpm", steps=2, final="heun0")

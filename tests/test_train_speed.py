@@ -22,10 +22,37 @@ def test_step_flops_are_forward_plus_twice_forward(tmp_path):
 
 def test_benchmark_report(tmp_path, capsys):
     out = tmp_path / "speed.json"
-    assert main(["--configs", "tiny", "--dtypes", "fp32", "--layouts", "contiguous", "--steps", "1", "--warmup", "0",
+    assert main(["--configs", "tiny", "--dtypes", "fp32", "--layouts", "contiguous", "--steps", "1", "--warmup", "0", "--rounds", "2",
                  "--matmul-n", "128", "--json", str(out)]) == 0
     row, = json.loads(out.read_text())["rows"]
-    assert row["config"] == "tiny" and row["batch"] == 32 and row["images_per_s"] > 0
+    assert row["config"] == "tiny" and row["batch"] == 32 and row["images_per_s"] > 0 and row["timed_steps"] == 2
     assert abs(row["achieved_gflops"] - row["images_per_s"] * row["gflop_per_image"]) < 0.05 * row["achieved_gflops"] + 0.1
     assert abs(row["ratio"] - row["achieved_gflops"] / row["peak_gflops"]) < 0.01
     assert "GFLOP/img" in capsys.readouterr().out
+
+
+def test_stock_kernels_compute_the_same_step_and_are_restored(tmp_path):
+    """The 'before' rows swap in PyTorch's stock GroupNorm, attention and per-parameter AdamW: same math, so
+    the same gradients (bf16 channels-last, where our fast paths differ most), and everything restored after."""
+    from dataclasses import replace
+
+    from torchdiffusion.nets import unet
+    from torchdiffusion.train_speed import make_trainer, stock_kernels
+    from torchdiffusion import train
+
+    cfg = bench_config("tiny")
+    cfg = replace(cfg, train=replace(cfg.train, precision="bf16", channels_last=True, batch_size=4))
+    before = unet.GroupNorm.forward, unet.attention, train._adamw
+    grads = []
+    for stock in (False, True):
+        with stock_kernels() if stock else __import__("contextlib").nullcontext():
+            tr = make_trainer(cfg, str(tmp_path / str(stock)))
+            if stock:
+                assert unet.attention is torch.nn.functional.scaled_dot_product_attention
+                assert not tr.opt.defaults.get("fused") and not tr.opt.defaults.get("foreach")
+            tr.net.zero_grad()
+            tr._gradients(torch.arange(4))
+            grads.append(torch.cat([p.grad.flatten().float() for p in tr.net.parameters() if p.grad is not None]))
+    assert (unet.GroupNorm.forward, unet.attention, train._adamw) == before
+    rel = (grads[0] - grads[1]).norm() / grads[1].norm()
+    assert rel < 0.05, rel

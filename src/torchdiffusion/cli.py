@@ -33,7 +33,8 @@ def _add_sample_args(p: argparse.ArgumentParser, only: tuple | None = None) -> N
                            help=f"(default: from the run, else {f.default})")
         else:
             typ = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-            p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default: from the run, else {f.default})")
+            p.add_argument(flag, dest=f.name, type=typ, default=None,
+                           help=f"(default: from the run, else {f.default if f.default != '' else repr('')})")
     if only is None or "class_label" in only:
         p.add_argument("--class", dest="class_label", type=int, default=None, help="same as --class-label")
 
@@ -342,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--likelihood-n", type=int, default=256, help="MNIST test images for bits/dim (default: 256)")
     ev.add_argument("--rtol", type=float, default=1e-3, help="ODE solver tolerance (rtol = atol; default: 1e-3)")
     ev.add_argument("--out", default=None, help="write the results as JSON here")
-    _add_sample_args(ev, ("sampler", "steps", "spacing", "seed", "batch_size", "use_ema", "clip_x0"))
+    _add_sample_args(ev, ("sampler", "steps", "spacing", "final", "seed", "batch_size", "use_ema", "clip_x0"))
     ev.set_defaults(func=cmd_evaluate)
 
     b = sub.add_parser("bench", help="benchmarks (samplers: exact Gaussian-mixture sampler benchmark; "

@@ -74,6 +74,7 @@ class SampleConfig:
     sampler: str = "ddim"           # a name in torchdiffusion.sampling.SAMPLERS
     steps: int = 50                 # sampler steps
     spacing: str = "uniform"        # sigma spacing, see torchdiffusion.sampling.SPACINGS
+    final: str = ""                 # last step to sigma 0 (denoise, heun0, ...) for samplers that take one; '' default
     n: int = 64                     # samples to draw
     batch_size: int = 256           # samples per denoiser batch
     seed: int = 0                   # sample i uses a generator seeded from (seed, i)

@@ -1,6 +1,7 @@
 """Assembling the pieces from a configuration: network, denoiser, objective; loading a trained denoiser."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -94,6 +95,9 @@ def _load_model(path, *, use_ema: bool, device, classifier: bool):
     return denoiser.eval(), cfg, meta
 
 
+SAMPLER_ARGS = ("denoiser", "x", "sigmas", "generator", "callback")  # the contract, not options
+
+
 def sample_kwargs(s, shape: tuple) -> dict:
     """generate() arguments from a SampleConfig; clip_x0 applies to images only."""
     interval = None
@@ -103,7 +107,7 @@ def sample_kwargs(s, shape: tuple) -> dict:
                 clip_x0=s.clip_x0 and len(shape) == 3, class_label=s.class_label,
                 guidance="cfg" if s.guidance == "none" and s.guidance_scale != 1.0 else s.guidance,
                 guidance_scale=s.guidance_scale, guidance_interval=interval, guidance_rescale=s.guidance_rescale,
-                classifier=s.classifier or None)
+                classifier=s.classifier or None, **({"final": s.final} if s.final else {}))
 
 
 def generate(denoiser, shape: tuple, *, n: int, sampler: str = "ddim", steps: int = 50, spacing: str = "uniform",
@@ -112,7 +116,8 @@ def generate(denoiser, shape: tuple, *, n: int, sampler: str = "ddim", steps: in
              guidance_interval: tuple[float, float] | None = None, guidance_rescale: float = 0.0,
              classifier=None, cond: dict | None = None, **opts) -> torch.Tensor:
     """Draw `n` samples of `shape` (per example); sample i uses generator (seed, i), so results do not depend on
-    `batch_size`. `clip_x0` clips predicted x0 to [-1, 1] (images). Returns float32 (n, *shape) on the CPU.
+    `batch_size`. `clip_x0` clips predicted x0 to [-1, 1] (images), and the samples too (a final step such as
+    'heun0' averages x and x0, which can pass the bounds by the last noise level). Returns float32 (n, *shape) on the CPU.
 
     Class-conditional models: `class_label` is one class for all samples, -1 for class i mod K for sample i, an
     (n,) tensor of labels, or None (the null class, unless guidance is on: then -1). `guidance` ('none', 'cfg',
@@ -142,6 +147,10 @@ def generate(denoiser, shape: tuple, *, n: int, sampler: str = "ddim", steps: in
         denoiser = ClampX0(denoiser)
 
     fn = get_sampler(sampler)
+    unknown = set(opts) - set(inspect.signature(fn).parameters)
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} takes no option(s) {', '.join(sorted(unknown))}; its options: "
+                         f"{', '.join(p for p in inspect.signature(fn).parameters if p not in SAMPLER_ARGS)}")
     sigmas = get_sigmas(denoiser.schedule, steps, spacing).to(device)
     out = []
     starts = range(0, n, batch_size)
@@ -157,5 +166,6 @@ def generate(denoiser, shape: tuple, *, n: int, sampler: str = "ddim", steps: in
         if labels is not None:
             bound["class_labels"] = labels[start:start + b].to(device)
         d = Conditioned(denoiser, **bound) if bound else denoiser
-        out.append(fn(d, x, sigmas, generator=gens, **opts).float().cpu())
+        x = fn(d, x, sigmas, generator=gens, **opts)
+        out.append((x.clamp(-1, 1) if clip_x0 else x).float().cpu())
     return torch.cat(out)

@@ -1,4 +1,5 @@
 """Solver-specific checks: thresholding, optimized spacing, final steps, benchmark helpers."""
+import pytest
 import torch
 
 from torchdiffusion.data.toy import gaussian, ring_mixture
@@ -24,6 +25,23 @@ def test_optimized_spacing_and_counted_nfe():
     den = CountingDenoiser(mix)
     SAMPLERS["dpmpp_3m"](den, torch.randn(8, 2) * 80, get_sigmas(sch, 5, "optimized"), final="heun0")
     assert den.calls == 5
+
+
+def test_untuned_step_counts_resample_a_tuned_ramp():
+    """A step count without a tuned ramp resamples the next larger tuned one (the largest beyond it): same ends,
+    increasing, and a tuned count gives its table entry exactly."""
+    from torchdiffusion.sampling.sigmas import optimized_ramp
+
+    largest = max(OPTIMIZED_RAMPS)
+    for steps in (2, 4, 7, 12, 37, 50):
+        r = optimized_ramp(steps)
+        src = OPTIMIZED_RAMPS[min((c for c in OPTIMIZED_RAMPS if c > steps), default=largest)]
+        assert len(r) == steps and r[0] == 0 and float(r[-1]) == pytest.approx(src[-1]) and (r[1:] > r[:-1]).all()
+    for steps, ramp in OPTIMIZED_RAMPS.items():
+        assert optimized_ramp(steps).tolist() == ramp
+    # resampling the largest ramp onto its own grid plus midpoints keeps every tuned position
+    r = optimized_ramp(2 * largest - 1)
+    assert torch.allclose(r[::2], torch.tensor(OPTIMIZED_RAMPS[largest], dtype=torch.float64))
 
 
 def test_heun0_final_step_is_second_order_on_gaussian():

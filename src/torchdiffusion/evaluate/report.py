@@ -85,7 +85,8 @@ def evaluate_checkpoint(path, *, n: int = 1000, likelihood=(), likelihood_n: int
     with torch.no_grad():
         x = generate(denoiser, shape, n=n, progress=progress, **sample_kwargs(s, shape))
     result = {"checkpoint": str(path), "step": meta.get("step"), "sampler": s.sampler, "steps": s.steps,
-              "spacing": s.spacing, "clip_x0": s.clip_x0, "seed": s.seed, "sample_seconds": round(time.time() - t0, 1)}
+              "spacing": s.spacing, "final": s.final or "default", "clip_x0": s.clip_x0, "seed": s.seed,
+              "sample_seconds": round(time.time() - t0, 1)}
     result.update(evaluate_samples(x, seed=s.seed))
     if likelihood:
         result.update(likelihood_report(denoiser, likelihood, n=likelihood_n, rtol=rtol, seed=s.seed,

@@ -41,14 +41,29 @@ class CountingDenoiser:
         return self.denoiser(x, sigma, **kw)
 
 
+class SlicedW2:
+    """Sliced 2-Wasserstein distance to a fixed reference set: sqrt(mean over random unit directions of W2^2
+    between the sorted 1-D projections). The reference projections are sorted once, so comparing many sample
+    sets against one data draw costs one projection and sort each."""
+
+    def __init__(self, ref: torch.Tensor, n_dirs: int = 1000, seed: int = 0):
+        ref = ref.double().flatten(1)
+        g = torch.Generator().manual_seed(seed)
+        dirs = torch.randn(ref.shape[1], n_dirs, generator=g, dtype=torch.float64)
+        self.dirs = dirs / dirs.norm(dim=0, keepdim=True)  # (D, n_dirs)
+        self.n = ref.shape[0]
+        self.ref_sorted = (ref @ self.dirs).sort(0).values  # (n, n_dirs)
+
+    def __call__(self, a: torch.Tensor) -> float:
+        a = a.double().flatten(1)
+        if a.shape[0] != self.n:
+            raise ValueError(f"sliced W2 needs equal sample counts: got {a.shape[0]}, reference has {self.n}")
+        return math.sqrt(((a @ self.dirs).sort(0).values - self.ref_sorted).pow(2).mean().item())
+
+
 def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_dirs: int = 1000, seed: int = 0) -> float:
     """sqrt(mean over random unit directions of W2^2 of the 1-D projections); equal sample counts."""
-    a, b = a.double().flatten(1), b.double().flatten(1)
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[1], n_dirs, generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, pb = (a @ dirs).sort(0).values, (b @ dirs).sort(0).values
-    return math.sqrt((pa - pb).pow(2).mean().item())
+    return SlicedW2(b, n_dirs, seed)(a)
 
 
 # ------------------------------------------------------------------------------------- configurations
@@ -111,12 +126,13 @@ def run_benchmark(n: int = 20000, nfes=NFES, configs=None, mixture_names=None, s
         g = torch.Generator().manual_seed(seed)
         data_a = mix.sample(n, generator=g).double()
         data_b = mix.sample(n, generator=g).double()
-        floor = sliced_w2(data_a, data_b, n_dirs)
+        sw2_data = SlicedW2(data_a, n_dirs)
+        floor = sw2_data(data_b)
         x_T = torch.randn(n, mix.dim, generator=g, dtype=torch.float64) * SIGMA_MAX
         t0 = time.time()
         ref = SAMPLERS["ode_reference"](mix, x_T, torch.tensor([SIGMA_MAX, 0.0]), rtol=1e-9, atol=1e-9)
         log(f"[{mname}] reference ODE solve {time.time() - t0:.0f}s; SW2 floor {floor:.4f}; "
-            f"reference SW2 {sliced_w2(ref, data_a, n_dirs):.4f}")
+            f"reference SW2 {sw2_data(ref):.4f}")
         rows = []
         for label, (name, opts, spacing, nfe_fn) in configs.items():
             for target in nfes:
@@ -128,12 +144,12 @@ def run_benchmark(n: int = 20000, nfes=NFES, configs=None, mixture_names=None, s
                 except ValueError:  # no tuned schedule for this step count
                     continue
                 out, calls = run_one(mix, name, opts, sig, x_T, seed + 1)
-                sw2 = sliced_w2(out, data_a, n_dirs)
+                sw2 = sw2_data(out)
                 row = {"config": label, "sampler": name, "spacing": spacing, "target_nfe": target, "nfe": calls,
                        "steps": steps, "sw2": sw2, "sw2_excess": sw2 - floor,
                        "rms_to_ode": None if name in STOCHASTIC else (out - ref).pow(2).sum(1).mean().sqrt().item()}
                 rows.append(row)
-        results["mixtures"][mname] = {"floor": floor, "reference_sw2": sliced_w2(ref, data_a, n_dirs), "rows": rows}
+        results["mixtures"][mname] = {"floor": floor, "reference_sw2": sw2_data(ref), "rows": rows}
         log(format_table(mname, results["mixtures"][mname], nfes))
     return results
 

@@ -121,7 +121,7 @@ def sample_ode_reference(denoiser, x, sigmas, *, generator=None, callback=None, 
 
         def f(lam, y):
             xt = torch.from_numpy(y).view(n, *shape[1:])
-            s = torch.full((n,), math.exp(-lam), dtype=torch.float32)
+            s = torch.full((n,), math.exp(-lam), dtype=torch.float64)  # float32 sigma would make the RHS rough at 1e-8 and stall tight tolerances
             return (denoiser(xt, s).double() - xt).reshape(-1).numpy()
 
         y0 = xc.double().reshape(-1).cpu().numpy()
@@ -133,11 +133,11 @@ def sample_ode_reference(denoiser, x, sigmas, *, generator=None, callback=None, 
     x = x.double().cpu()
     for i in range(len(sig) - 1):
         s0, s1 = sig[i], sig[i + 1]
-        denoised = denoiser(x, torch.full((shape[0],), s0, dtype=torch.float32)).double()
+        denoised = denoiser(x, torch.full((shape[0],), s0, dtype=torch.float64)).double()
         _report(callback, i, x.to(dtype), sigmas[i], sigmas[i + 1], denoised.to(dtype))
         target = s1 if s1 > 0 else min(sigma_end, s0)
         if target < s0:
             x = torch.cat([solve(x[j:j + chunk], s0, target) for j in range(0, shape[0], chunk)])
         if s1 == 0:
-            x = final_step(x, denoiser(x, torch.full((shape[0],), target, dtype=torch.float32)).double(), final)
+            x = final_step(x, denoiser(x, torch.full((shape[0],), target, dtype=torch.float64)).double(), final)
     return x.to(device=device, dtype=dtype)
