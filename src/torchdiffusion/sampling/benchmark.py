@@ -46,9 +46,9 @@ class SlicedW2:
     between the sorted 1-D projections). The reference projections are sorted once, so comparing many sample
     sets against one data draw costs one projection and sort each."""
 
-    def __init__(self, ref: torch.Tensor, n_dirs: int = 1000, seed: int = 0):
+    def __init__(self, ref: torch.Tensor, n_dirs: int = 1000, seed: int = 0, generator=None):
         ref = ref.double().flatten(1)
-        g = torch.Generator().manual_seed(seed)
+        g = generator if generator is not None else torch.Generator().manual_seed(seed)
         dirs = torch.randn(ref.shape[1], n_dirs, generator=g, dtype=torch.float64)
         self.dirs = dirs / dirs.norm(dim=0, keepdim=True)  # (D, n_dirs)
         self.n = ref.shape[0]
@@ -295,9 +295,7 @@ def tune_schedule(name, opts, steps, mixes=None, n=1000, seed=123, maxiter=600, 
         g = torch.Generator().manual_seed(seed + k)
         x = torch.randn(n, mix.dim, generator=g, dtype=torch.float64) * SIGMA_MAX
         ref = SAMPLERS["ode_reference"](mix, x, torch.tensor([SIGMA_MAX, 0.0]), rtol=1e-8, atol=1e-8)
-        dirs = torch.randn(mix.dim, n_dirs, generator=g, dtype=torch.float64)
-        dirs = dirs / dirs.norm(dim=0, keepdim=True)
-        probs.append((mix, x, dirs, (ref @ dirs).sort(0).values))
+        probs.append((mix, x, SlicedW2(ref, n_dirs, generator=g)))
 
     def loss(u):
         t = np.concatenate([[0.0], np.cumsum(np.exp(u))])
@@ -305,9 +303,9 @@ def tune_schedule(name, opts, steps, mixes=None, n=1000, seed=123, maxiter=600, 
             return 10.0 + t[-1]
         sig = torch.tensor(np.append((hi + t * (lo - hi)) ** 7, 0.0))
         total = 0.0
-        for mix, x, dirs, proj_ref in probs:
+        for mix, x, sw2_ref in probs:
             out = SAMPLERS[name](mix, x.clone(), sig, **opts)
-            total += math.log(eps + ((out @ dirs).sort(0).values - proj_ref).pow(2).mean().sqrt().item())
+            total += math.log(eps + sw2_ref(out))
         return total / len(probs)
 
     if init is None:
