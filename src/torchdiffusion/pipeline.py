@@ -117,7 +117,8 @@ def generate(denoiser, shape: tuple, *, n: int, sampler: str = "ddim", steps: in
              classifier=None, cond: dict | None = None, **opts) -> torch.Tensor:
     """Draw `n` samples of `shape` (per example); sample i uses generator (seed, i), so results do not depend on
     `batch_size`. `clip_x0` clips predicted x0 to [-1, 1] (images), and the samples too (a final step such as
-    'heun0' averages x and x0, which can pass the bounds by the last noise level). Returns float32 (n, *shape) on the CPU.
+    'heun0' averages x and x0, which can pass the bounds by the last noise level). Returns float32 (n, *shape)
+    on the CPU.
 
     Class-conditional models: `class_label` is one class for all samples, -1 for class i mod K for sample i, an
     (n,) tensor of labels, or None (the null class, unless guidance is on: then -1). `guidance` ('none', 'cfg',
@@ -147,10 +148,10 @@ def generate(denoiser, shape: tuple, *, n: int, sampler: str = "ddim", steps: in
         denoiser = ClampX0(denoiser)
 
     fn = get_sampler(sampler)
-    unknown = set(opts) - set(inspect.signature(fn).parameters)
-    if unknown:
-        raise ValueError(f"sampler {sampler!r} takes no option(s) {', '.join(sorted(unknown))}; its options: "
-                         f"{', '.join(p for p in inspect.signature(fn).parameters if p not in SAMPLER_ARGS)}")
+    params = inspect.signature(fn).parameters
+    if set(opts) - set(params):
+        raise ValueError(f"sampler {sampler!r} takes no option(s) {', '.join(sorted(set(opts) - set(params)))}; "
+                         f"its options: {', '.join(p for p in params if p not in SAMPLER_ARGS)}")
     sigmas = get_sigmas(denoiser.schedule, steps, spacing).to(device)
     out = []
     starts = range(0, n, batch_size)

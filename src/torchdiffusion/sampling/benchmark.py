@@ -141,7 +141,7 @@ def run_benchmark(n: int = 20000, nfes=NFES, configs=None, mixture_names=None, s
                     continue
                 try:
                     sig = get_sigmas(sch, steps, spacing)
-                except ValueError:  # no tuned schedule for this step count
+                except ValueError:  # a spacing that cannot give this step count (optimized: 1 step)
                     continue
                 out, calls = run_one(mix, name, opts, sig, x_T, seed + 1)
                 sw2 = sw2_data(out)

@@ -74,8 +74,8 @@ def get_sigmas(
     spacing: 'uniform' (uniform in the schedule's own time t), 'leading' and 'trailing' (DDIM respacing of
     a discrete schedule: t = i * T//steps + offset, or t = round(T - i T/steps) - 1), 'logsnr' (uniform in
     log sigma, i.e. in log-SNR), 'karras' (rho-spaced, Karras et al. 2022), 'quadratic' (uniform in sqrt(t),
-    DDIM paper section D.2), 'optimized' (tuned per step count, see OPTIMIZED_RAMPS; other counts resample a tuned ramp, see
-    :func:`optimized_ramp`). Pass `sigmas=[...]` for an explicit list (0 is appended if missing).
+    DDIM paper section D.2), 'optimized' (tuned per step count, see OPTIMIZED_RAMPS; other counts resample a
+    tuned ramp, see :func:`optimized_ramp`). Pass `sigmas=[...]` for an explicit list (0 is appended if missing).
     """
     if sigmas is not None:
         s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
