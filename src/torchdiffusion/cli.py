@@ -22,6 +22,18 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="change any config field, e.g. train.steps=500")
 
 
+NONE_ARG = "none"  # `--class-label none`: unconditional, whatever the run's sample.class_label says
+
+
+def _int_or_none(v: str):
+    if v.lower() == NONE_ARG:
+        return NONE_ARG
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or '{NONE_ARG}', got {v!r}") from None
+
+
 def _add_sample_args(p: argparse.ArgumentParser, only: tuple | None = None) -> None:
     """One flag per SampleConfig field (or per field in `only`), so the sampling options live in one place."""
     for f in dataclasses.fields(SampleConfig):
@@ -32,11 +44,18 @@ def _add_sample_args(p: argparse.ArgumentParser, only: tuple | None = None) -> N
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"(default: from the run, else {f.default})")
         else:
-            typ = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
+            typ = {"int": int, "float": float, "str": str, "int | None": _int_or_none}.get(str(f.type), str)
             p.add_argument(flag, dest=f.name, type=typ, default=None,
-                           help=f"(default: from the run, else {f.default if f.default != '' else repr('')})")
+                           help=f"(default: from the run, else {f.default if f.default != '' else repr('')})"
+                           + (f"; '{NONE_ARG}': unconditional" if typ is _int_or_none else ""))
     if only is None or "class_label" in only:
-        p.add_argument("--class", dest="class_label", type=int, default=None, help="same as --class-label")
+        p.add_argument("--class", dest="class_label", type=_int_or_none, default=None, help="same as --class-label")
+
+
+def _sample_overrides(args) -> dict:
+    """The SampleConfig fields given on the command line (None: not given; 'none': the value None)."""
+    names = {f.name for f in dataclasses.fields(SampleConfig)}
+    return {k: (None if v == NONE_ARG else v) for k, v in vars(args).items() if k in names and v is not None}
 
 
 def cmd_train(args) -> int:
@@ -69,8 +88,7 @@ def cmd_sample(args) -> int:
     from .pipeline import generate, load_denoiser, sample_kwargs
 
     denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=args.use_ema is not False)
-    s = dataclasses.replace(cfg.sample, **{k: v for k, v in vars(args).items()
-                                           if k in {f.name for f in dataclasses.fields(SampleConfig)} and v is not None})
+    s = dataclasses.replace(cfg.sample, **_sample_overrides(args))
     shape = tuple(meta["data_shape"])
     out = Path(args.out) if args.out else cfg.run_dir / "samples"
     stem = f"{s.sampler}_{s.steps}steps_seed{s.seed}"
@@ -132,8 +150,7 @@ def _edit_setup(args):
     from .utils import sample_generators
 
     denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=args.use_ema is not False)
-    s = dataclasses.replace(cfg.sample, **{k: getattr(args, k) for k in EDIT_SAMPLE_FIELDS
-                                           if getattr(args, k, None) is not None})
+    s = dataclasses.replace(cfg.sample, **{k: v for k, v in _sample_overrides(args).items() if k in EDIT_SAMPLE_FIELDS})
     shape = tuple(meta["data_shape"])
     if len(shape) != 3:
         raise ValueError(f"editing needs an image model; this checkpoint holds data of shape {shape}")
@@ -247,8 +264,7 @@ def cmd_evaluate(args) -> int:
     which = tuple(w for w in (args.likelihood or "").split(",") if w)
     target = Path(args.target)
     if target.suffix == ".safetensors" or (target.is_dir() and (target / "last.safetensors").exists()):
-        overrides = {k: v for k, v in vars(args).items()
-                     if k != "n" and k in {f.name for f in dataclasses.fields(SampleConfig)}}
+        overrides = {k: v for k, v in _sample_overrides(args).items() if k != "n"}
         result = evaluate_checkpoint(target, n=args.n, likelihood=which, likelihood_n=args.likelihood_n,
                                      rtol=args.rtol, progress=sys.stderr.isatty(), **overrides)
     else:
@@ -343,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--likelihood-n", type=int, default=256, help="MNIST test images for bits/dim (default: 256)")
     ev.add_argument("--rtol", type=float, default=1e-3, help="ODE solver tolerance (rtol = atol; default: 1e-3)")
     ev.add_argument("--out", default=None, help="write the results as JSON here")
-    _add_sample_args(ev, ("sampler", "steps", "spacing", "final", "seed", "batch_size", "use_ema", "clip_x0"))
+    _add_sample_args(ev, ("sampler", "steps", "spacing", "final", "seed", "batch_size", "use_ema", "clip_x0",
+                          "class_label", "guidance", "guidance_scale"))
     ev.set_defaults(func=cmd_evaluate)
 
     b = sub.add_parser("bench", help="benchmarks (samplers: exact Gaussian-mixture sampler benchmark; "

@@ -63,3 +63,32 @@ def test_periodic_evaluation_skips_non_mnist_data(tmp_path, capsys):
     Trainer(cfg, progress=False).fit()
     assert "periodic evaluation needs MNIST" in capsys.readouterr().err
     assert not any("fd" in m for m in read_metrics(tmp_path / cfg.name / "logs"))
+
+
+def test_evaluate_a_class_conditional_checkpoint(tmp_cache, mnist_path, tmp_path):
+    """`evaluate` of a class-conditional model: --class-label -1 asks for class i mod 10 and reports the accuracy
+    against the requested classes; --class-label none samples the null class (no accuracy); a bad value is refused."""
+    from torchdiffusion.checkpoint import save_checkpoint
+    from torchdiffusion.evaluate import classifier as clf
+
+    (tmp_cache / "mnist").mkdir(parents=True)
+    (tmp_cache / "mnist" / "mnist.npz").symlink_to(mnist_path)          # real data, throwaway classifier
+    m = clf.MNISTClassifier()
+    save_checkpoint(clf.classifier_path(), meta={"kind": clf.CLASSIFIER_FORMAT, "dataset": "mnist",
+                                                 "arch": m.config, "test_accuracy": 0.1}, model=m.state_dict())
+    cfg = load_config("tiny", [f"out_dir={tmp_path}", "train.steps=2", "train.ckpt_every=0", "train.sample_every=0",
+                               "model.unet.num_classes=10", "diffusion.objective.cond_drop_prob=0.1",
+                               "sample.class_label=-1"])
+    Trainer(cfg, progress=False).fit()
+    ckpt = tmp_path / cfg.name / "checkpoints" / "last.safetensors"
+    res = {}
+    for label in ("-1", "none", "3"):
+        out = tmp_path / f"{label}.json"
+        assert main(["evaluate", str(ckpt), "--n", "20", "--steps", "2", "--sampler", "ddim",
+                     "--class-label", label, "--out", str(out)]) == 0
+        res[label] = json.loads(out.read_text())
+    assert res["-1"]["class_label"] == -1 and 0 <= res["-1"]["accuracy"] <= 1
+    assert res["none"]["class_label"] is None and "accuracy" not in res["none"]
+    assert res["3"]["class_label"] == 3 and res["3"]["accuracy"] == pytest.approx(res["3"]["class_counts"][3] / 20)
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(ckpt), "--class-label", "seven"])

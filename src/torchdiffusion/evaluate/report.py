@@ -73,21 +73,30 @@ def likelihood_report(denoiser, which, *, n: int = 256, rtol: float = 1e-3, seed
 
 def evaluate_checkpoint(path, *, n: int = 1000, likelihood=(), likelihood_n: int = 256, rtol: float = 1e-3,
                         progress: bool = False, **sample_overrides) -> dict:
-    """Draw `n` samples with the run's sample configuration (fields of SampleConfig overridable), evaluate them with
-    :func:`evaluate_samples`, and add the requested likelihood estimates."""
+    """Draw `n` samples with the run's sample configuration (fields of SampleConfig overridable; class_label=None
+    means unconditional), evaluate them with :func:`evaluate_samples` (with class accuracy when classes were
+    requested), and add the requested likelihood estimates."""
     from ..pipeline import generate, load_denoiser, sample_kwargs
     from . import evaluate_samples
 
+    from ..guidance import class_labels_for, net_num_classes
+
     denoiser, cfg, meta = load_denoiser(path, use_ema=sample_overrides.pop("use_ema", None) is not False)
-    s = dataclasses.replace(cfg.sample, n=n, **{k: v for k, v in sample_overrides.items() if v is not None})
+    s = dataclasses.replace(cfg.sample, n=n, **sample_overrides)
     shape = tuple(meta["data_shape"])
+    kwargs = sample_kwargs(s, shape)
     t0 = time.time()
     with torch.no_grad():
-        x = generate(denoiser, shape, n=n, progress=progress, **sample_kwargs(s, shape))
+        x = generate(denoiser, shape, n=n, progress=progress, **kwargs)
     result = {"checkpoint": str(path), "step": meta.get("step"), "sampler": s.sampler, "steps": s.steps,
               "spacing": s.spacing, "final": s.final or "default", "clip_x0": s.clip_x0, "seed": s.seed,
+              "class_label": s.class_label, "guidance": kwargs["guidance"], "guidance_scale": s.guidance_scale,
               "sample_seconds": round(time.time() - t0, 1)}
-    result.update(evaluate_samples(x, seed=s.seed))
+    # the classes generate() asked for (the same rule as there), so that the report includes class accuracy
+    label_rule = -1 if s.class_label is None and kwargs["guidance"] != "none" else s.class_label
+    labels = class_labels_for(n, label_rule, net_num_classes(denoiser)) if kwargs["guidance"] != "classifier" \
+        else None
+    result.update(evaluate_samples(x, labels=labels, seed=s.seed))
     if likelihood:
         result.update(likelihood_report(denoiser, likelihood, n=likelihood_n, rtol=rtol, seed=s.seed,
                                         progress=progress))
