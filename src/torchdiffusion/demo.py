@@ -11,10 +11,14 @@ import torch
 
 from . import viz
 from .config import RunConfig
+from .guidance import class_labels_for, net_num_classes
 from .pipeline import generate, sample_kwargs
+from .precond import Conditioned
 from .sampling import get_sampler, get_sigmas
 from .train import Trainer
 from .utils import randn, sample_generators
+
+TRAJECTORY_SAMPLES = 4  # rows of the denoising-trajectory picture (classes as in sample.class_label)
 
 
 def save_samples(x: torch.Tensor, out_dir: Path, stem: str = "samples") -> dict:
@@ -27,7 +31,8 @@ def save_samples(x: torch.Tensor, out_dir: Path, stem: str = "samples") -> dict:
 
 
 @torch.no_grad()
-def record_trajectory(denoiser, shape, sigmas, *, sampler: str, seed: int, n: int = 4, columns: int = 8):
+def record_trajectory(denoiser, shape, sigmas, *, sampler: str, seed: int, n: int = TRAJECTORY_SAMPLES,
+                      columns: int = 8):
     """Run a sampler on n samples and keep x_t and the predicted x0 at `columns` evenly spaced steps."""
     gens = sample_generators(seed, n)
     x = randn((n, *shape), generator=gens) * sigmas[0]
@@ -48,12 +53,14 @@ def record_trajectory(denoiser, shape, sigmas, *, sampler: str, seed: int, n: in
     return xs, x0s, levels
 
 
-def demo_pictures(trainer: Trainer, out_dir: Path, *, n: int = 64) -> dict:
-    """Samples grid + npz, forward-noising strip of real digits, denoising trajectory, loss curve."""
+def demo_pictures(trainer: Trainer, out_dir: Path, *, n: int | None = None) -> dict:
+    """Samples grid + npz (n samples, default sample.n), forward-noising strip of real digits, denoising
+    trajectory, loss curve."""
     cfg = trainer.cfg
     den = trainer.ema_denoiser.eval()
     shape = tuple(trainer.data.sample_shape)
     s = cfg.sample
+    n = s.n if n is None else n
     t0 = time.time()
     x = generate(den, shape, n=n, progress=trainer.progress, **sample_kwargs(s, shape))
     sample_seconds = time.time() - t0
@@ -71,7 +78,9 @@ def demo_pictures(trainer: Trainer, out_dir: Path, *, n: int = 64) -> dict:
     files["forward"] = str(viz.forward_strip(real, sched, levels, out_dir / "forward_noising.png",
                                              generator=torch.Generator().manual_seed(0), col_titles=titles))
     sig = get_sigmas(sched, s.steps, s.spacing)
-    xs, x0s, lv = record_trajectory(den, shape, sig, sampler=s.sampler, seed=s.seed + 1)
+    labels = class_labels_for(TRAJECTORY_SAMPLES, s.class_label, net_num_classes(den))  # (n,) or None
+    xs, x0s, lv = record_trajectory(den if labels is None else Conditioned(den, class_labels=labels), shape, sig,
+                                    sampler=s.sampler, seed=s.seed + 1, n=TRAJECTORY_SAMPLES)
     files["trajectory"] = str(viz.trajectory_strip(xs, x0s, lv, out_dir / "denoising_trajectory.png",
                                                    schedule=sched))
     curve = cfg.run_dir / "loss_curve.png"
