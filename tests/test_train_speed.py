@@ -56,3 +56,17 @@ def test_stock_kernels_compute_the_same_step_and_are_restored(tmp_path):
     assert (unet.GroupNorm.forward, unet.attention, train._adamw) == before
     rel = (grads[0] - grads[1]).norm() / grads[1].norm()
     assert rel < 0.05, rel
+
+
+def test_class_conditional_presets_get_labels(tmp_path):
+    """The benchmark's random data carries labels when the model is class-conditional (the demo and mnist-10min
+    presets are), and the class embedding adds no model FLOPs worth counting."""
+    from dataclasses import replace
+
+    for name in ("demo", "mnist-10min"):
+        cfg = bench_config(name)
+        assert cfg.model.unet.num_classes == 10
+        uncond = replace(cfg, model=replace(cfg.model, unet=replace(cfg.model.unet, num_classes=None)),
+                         diffusion=replace(cfg.diffusion, objective=replace(cfg.diffusion.objective, cond_drop_prob=0.0)))
+        f_cond, f_uncond = step_flops(cfg, str(tmp_path / name)), step_flops(uncond, str(tmp_path / (name + "u")))
+        assert abs(f_cond / f_uncond - 1) < 1e-3, (f_cond, f_uncond)

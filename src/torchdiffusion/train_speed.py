@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import RunConfig, load_config, presets
 from .data import TensorImageDataset
 from .nets import UNET_PRESETS, count_parameters
-from .pipeline import net_input_shape
+from .pipeline import net_input_shape, num_classes
 from .utils import check_choice
 
 DTYPES = ("fp32", "bf16")
@@ -58,10 +58,13 @@ def bench_config(name: str) -> RunConfig:
 
 
 def random_images(cfg: RunConfig, n: int) -> TensorImageDataset:
-    """n random uint8 images of the configured shape (the step's cost does not depend on the pixels)."""
+    """n random uint8 images of the configured shape, with random labels for a class-conditional model (the
+    step's cost does not depend on the pixels)."""
     g = torch.Generator().manual_seed(0)
-    return TensorImageDataset(torch.randint(0, 256, (n, *net_input_shape(cfg)), dtype=torch.uint8, generator=g),
-                              name="random")
+    images = torch.randint(0, 256, (n, *net_input_shape(cfg)), dtype=torch.uint8, generator=g)
+    k = num_classes(cfg)
+    labels = None if k is None else torch.randint(0, k, (n,), generator=g)
+    return TensorImageDataset(images, labels, k, name="random")
 
 
 def _sync(device: torch.device) -> None:
