@@ -221,3 +221,26 @@ def test_cli_bad_input_exits_2_with_a_message(ckpts, tmp_path, capsys):
     assert "low_res" in capsys.readouterr().err
     assert cli("sample", sr, "--sr-checkpoint", sr, "--n", 1, "--steps", 1, "--out", tmp_path) == 2
     assert "conditioning images" in capsys.readouterr().err
+
+
+def test_cli_edits_of_a_class_conditional_model(tmp_path, capsys):
+    """Edits condition on --class-label only (the run's sample.class_label = -1 is about new samples): the default
+    is the null class, -1 gives image i class i mod 10, and a class outside 0..9 is refused with a message."""
+    run = ["--config", "tiny", f"out_dir={tmp_path}", "name=cond", "train.steps=2", "train.ckpt_every=0",
+           "data.subset=64", "train.batch_size=8", "model.unet.num_classes=10", "diffusion.objective.cond_drop_prob=0.1",
+           "sample.class_label=-1"]
+    assert cli("train", *run) == 0
+    ckpt = tmp_path / "cond" / "checkpoints" / "last.safetensors"
+    outs = {}
+    for label in (None, "-1", "0"):
+        out = tmp_path / f"inp{label}"
+        extra = [] if label is None else ["--class-label", label]
+        assert cli("inpaint", ckpt, "--images", "mnist-test:0-1", "--mask", "center", "--steps", 3, "--out", out,
+                   *extra) == 0
+        outs[label] = np.load(out / "inpaint.npz")["images"]
+    assert outs[None].shape == (2, 28, 28, 1)
+    assert (outs["-1"][0] == outs["0"][0]).all()          # image 0 gets class 0 either way
+    assert not (outs[None] == outs["0"]).all()             # the null class is another condition
+    assert cli("inpaint", ckpt, "--images", "mnist-test:0", "--mask", "center", "--class-label", 12,
+               "--out", tmp_path) == 2
+    assert "class_label must be in 0..9 or -1" in capsys.readouterr().err

@@ -150,7 +150,10 @@ def _edit_setup(args):
     from .utils import sample_generators
 
     denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=args.use_ema is not False)
-    s = dataclasses.replace(cfg.sample, **{k: v for k, v in _sample_overrides(args).items() if k in EDIT_SAMPLE_FIELDS})
+    # the class comes from --class-label alone (default: the null class), not from the run's sample.class_label,
+    # which is about drawing new samples: an edited image has its own class
+    s = dataclasses.replace(cfg.sample, **{"class_label": None, **{k: v for k, v in _sample_overrides(args).items()
+                                                                   if k in EDIT_SAMPLE_FIELDS}})
     shape = tuple(meta["data_shape"])
     if len(shape) != 3:
         raise ValueError(f"editing needs an image model; this checkpoint holds data of shape {shape}")
@@ -158,9 +161,10 @@ def _edit_setup(args):
     if s.clip_x0:
         denoiser = ClampX0(denoiser)
     if s.class_label is not None:
-        import torch
+        from .guidance import class_labels_for, net_num_classes
 
-        denoiser = Conditioned(denoiser, class_labels=torch.full((len(images),), s.class_label))
+        denoiser = Conditioned(denoiser, class_labels=class_labels_for(len(images), s.class_label,
+                                                                       net_num_classes(denoiser)))
     sigmas = get_sigmas(denoiser.schedule, s.steps, s.spacing)
     out = Path(args.out) if args.out else cfg.run_dir / "edits"
     return denoiser, images, sigmas, sample_generators(s.seed, len(images)), s, out
