@@ -110,6 +110,14 @@ def sample_kwargs(s, shape: tuple) -> dict:
                 classifier=s.classifier or None, **({"final": s.final} if s.final else {}))
 
 
+def requested_labels(n: int, class_label: int | None, guidance: str, num_classes: int | None):
+    """The (n,) classes generate() asks for (None: unconditional): class_label as in class_labels_for, where
+    None means -1 (class i mod K) once guidance is on."""
+    from .guidance import class_labels_for
+
+    return class_labels_for(n, -1 if class_label is None and guidance != "none" else class_label, num_classes)
+
+
 def generate(denoiser, shape: tuple, *, n: int, sampler: str = "ddim", steps: int = 50, spacing: str = "uniform",
              seed: int = 0, batch_size: int = 256, device="cpu", progress: bool = False, clip_x0: bool = False,
              class_label: int | torch.Tensor | None = None, guidance: str = "none", guidance_scale: float = 1.0,
@@ -126,7 +134,7 @@ def generate(denoiser, shape: tuple, *, n: int, sampler: str = "ddim", steps: in
     `classifier` (a SigmaClassifier or a checkpoint path) wraps the denoiser, see :mod:`torchdiffusion.guidance`.
     `cond`: other per-sample conditioning tensors (n, ...), e.g. a super-resolution net's low_res and
     low_res_sigma (see :func:`torchdiffusion.edit.sample_cascade`), bound to the denoiser batch by batch."""
-    from .guidance import class_labels_for, guide, net_num_classes
+    from .guidance import guide, net_num_classes
     from .precond import ClampX0, Conditioned
     from .sampling import get_sampler, get_sigmas
     from .utils import randn, sample_generators
@@ -137,10 +145,8 @@ def generate(denoiser, shape: tuple, *, n: int, sampler: str = "ddim", steps: in
         classifier = load_noisy_classifier(classifier, device=device)[0]
     denoiser = guide(denoiser, guidance, guidance_scale, classifier=classifier, interval=guidance_interval,
                      rescale=guidance_rescale)
-    if class_label is None and guidance != "none":
-        class_label = -1
     labels = class_label if isinstance(class_label, torch.Tensor) else \
-        class_labels_for(n, class_label, classifier.num_classes if guidance == "classifier" else
+        requested_labels(n, class_label, guidance, classifier.num_classes if guidance == "classifier" else
                          net_num_classes(denoiser))  # (n,) or None
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"class_label must be an int or a tensor of shape ({n},), got {tuple(labels.shape)}")

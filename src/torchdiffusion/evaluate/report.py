@@ -76,10 +76,9 @@ def evaluate_checkpoint(path, *, n: int = 1000, likelihood=(), likelihood_n: int
     """Draw `n` samples with the run's sample configuration (fields of SampleConfig overridable; class_label=None
     means unconditional), evaluate them with :func:`evaluate_samples` (with class accuracy when classes were
     requested), and add the requested likelihood estimates."""
-    from ..pipeline import generate, load_denoiser, sample_kwargs
+    from ..guidance import net_num_classes
+    from ..pipeline import generate, load_denoiser, requested_labels, sample_kwargs
     from . import evaluate_samples
-
-    from ..guidance import class_labels_for, net_num_classes
 
     denoiser, cfg, meta = load_denoiser(path, use_ema=sample_overrides.pop("use_ema", None) is not False)
     s = dataclasses.replace(cfg.sample, n=n, **sample_overrides)
@@ -92,10 +91,10 @@ def evaluate_checkpoint(path, *, n: int = 1000, likelihood=(), likelihood_n: int
               "spacing": s.spacing, "final": s.final or "default", "clip_x0": s.clip_x0, "seed": s.seed,
               "class_label": s.class_label, "guidance": kwargs["guidance"], "guidance_scale": s.guidance_scale,
               "sample_seconds": round(time.time() - t0, 1)}
-    # the classes generate() asked for (the same rule as there), so that the report includes class accuracy
-    label_rule = -1 if s.class_label is None and kwargs["guidance"] != "none" else s.class_label
-    labels = class_labels_for(n, label_rule, net_num_classes(denoiser)) if kwargs["guidance"] != "classifier" \
-        else None
+    # the classes generate() asked for, so that the report includes class accuracy (classifier guidance takes its
+    # classes from the classifier, not loaded here)
+    labels = None if kwargs["guidance"] == "classifier" else \
+        requested_labels(n, s.class_label, kwargs["guidance"], net_num_classes(denoiser))
     result.update(evaluate_samples(x, labels=labels, seed=s.seed))
     if likelihood:
         result.update(likelihood_report(denoiser, likelihood, n=likelihood_n, rtol=rtol, seed=s.seed,
