@@ -1,4 +1,7 @@
 """Shared fixtures."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,3 +30,21 @@ def tmp_cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("TORCHDIFFUSION_CACHE", str(root))
     return root
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str):
+    """The benchmark script bench/<name>.py as a module (benchmarks live outside the package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """``bench("samplers")`` -> the module of bench/samplers.py."""
+    cache = {}
+    return lambda name: cache.setdefault(name, load_bench(name))

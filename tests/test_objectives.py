@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from torchdiffusion.data.toy import gaussian
+from torchdiffusion.nets import MLPConfig, MLPDenoiserNet
 from torchdiffusion.objectives import DiffusionObjective
 from torchdiffusion.precond import Precond
 from torchdiffusion.schedules import get_schedule
@@ -99,7 +100,7 @@ def test_loss_of_exact_denoiser_matches_posterior_variance():
     m, s, n = 0.3, 0.7, 200_000
     den = gaussian(m, s, dim=1)
     sched = get_schedule("linear")
-    obj = DiffusionObjective(sched)
+    obj = DiffusionObjective(sched, prediction="x0")  # the exact denoiser is a plain x0 function
     g = torch.Generator().manual_seed(1)
     for sig in (0.1, 0.7, 3.0):
         x0 = den.sample(n, generator=g)
@@ -117,3 +118,27 @@ def test_bad_options():
         DiffusionObjective(sched, weighting="snr")
     with pytest.raises(ValueError, match="vlb"):
         DiffusionObjective(get_schedule("edm"), weighting="vlb")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "edm"])
+def test_wrapped_denoiser_gives_exactly_the_loss_of_the_bare_one(prediction):
+    """Transforms forward the prediction type, so a Conditioned / ClampX0 / CountCalls wrapper around a Precond
+    trains in the same output space as the bare Precond; the loss is bit-identical (an x0 loss would differ)."""
+    from torchdiffusion.precond import ClampX0, Conditioned, CountCalls
+
+    sched = get_schedule("edm") if prediction == "edm" else get_schedule("cosine")
+    net = MLPDenoiserNet.from_config(MLPConfig(dim=2, hidden=16, num_blocks=1))
+    torch.nn.init.normal_(net.out.weight, std=0.3)  # a non-zero output, so the spaces differ
+    bare = Precond(net, sched, prediction)
+    x0 = torch.randn(64, 2)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    obj = DiffusionObjective(sched)
+    ref = obj(bare, x0, generator=g())
+    for wrapped in (Conditioned(bare), CountCalls(Conditioned(bare)), ClampX0(bare, -100.0, 100.0)):
+        assert torch.equal(obj(wrapped, x0, generator=g()), ref)
+    x0_loss = DiffusionObjective(sched, prediction="x0").per_sample(lambda x, s: bare(x, s), x0, generator=g())
+    assert not torch.allclose(x0_loss.mean(), ref)
+    with pytest.raises(ValueError, match="wraps a"):
+        DiffusionObjective(sched, prediction="x0")(Conditioned(bare), x0)
+    with pytest.raises(ValueError, match="declares no prediction"):
+        obj(lambda x, s: x, x0)

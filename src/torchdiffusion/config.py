@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .nets import ClassifierConfig, MLPConfig, UNetConfig
+from .nets import NETS, ClassifierConfig, MLPConfig, UNetConfig
 from .objectives import ObjectiveConfig
+from .precond import PREDICTIONS
+from .sampling import SAMPLERS, SPACINGS, SampleConfig, check_sampler_options
+from .schedules import SCHEDULES, check_schedule_options
+from .utils import check_choice
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -31,16 +37,17 @@ class DataConfig:
 class DiffusionConfig:
     schedule: str = "linear"        # linear, cosine, sigmoid (discrete), vp, edm or rf
     T: int = 1000                   # steps of a discrete schedule
+    schedule_options: dict = field(default_factory=dict)  # the schedule's own options (edm sigma_data, vp beta_max, ...)
     prediction: str = "eps"         # what the network predicts: eps, x0, v, velocity or edm
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"              # unet, mlp, or classifier (a noise-conditional classifier for guidance)
+    kind: str = "unet"              # the network: unet, mlp (denoisers) or noisy_classifier (task noisy_classifier)
     unet: UNetConfig = field(default_factory=UNetConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    noisy_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
 @dataclass
@@ -69,32 +76,14 @@ class TrainConfig:
     max_minutes: float = 0.0        # stop cleanly with a checkpoint after this wall time (0: no limit)
 
 
-@dataclass
-class SampleConfig:
-    sampler: str = "ddim"           # a name in torchdiffusion.sampling.SAMPLERS
-    steps: int = 50                 # sampler steps
-    spacing: str = "uniform"        # sigma spacing, see torchdiffusion.sampling.SPACINGS
-    final: str = ""                 # last step to sigma 0 (denoise, heun0, ...) for samplers that take one; '' default
-    n: int = 64                     # samples to draw
-    batch_size: int = 256           # samples per denoiser batch
-    seed: int = 0                   # sample i uses a generator seeded from (seed, i)
-    use_ema: bool = True            # sample with the EMA weights
-    clip_x0: bool = True            # clip predicted x0 to [-1, 1] for images (DDPM's clip_denoised)
-    class_label: int | None = None  # class of every sample; -1: sample i gets class i mod K; None: unconditional
-    guidance: str = "none"          # none (cfg if guidance_scale != 1), cfg, or classifier (needs `classifier`)
-    guidance_scale: float = 1.0     # guidance scale s (cfg: 1 is the conditional model, 0 the unconditional)
-    guidance_sigma_min: float = 0.0  # guide only for sigma > this (guidance interval)
-    guidance_sigma_max: float = 0.0  # guide only for sigma <= this (0: no upper limit)
-    guidance_rescale: float = 0.0   # cfg rescale phi of Lin et al. 2024 (0: off)
-    classifier: str = ""            # noise-conditional classifier checkpoint for guidance=classifier
-    sr_checkpoint: str = ""         # super-resolution checkpoint: sample runs the cascade base -> SR
-    sr_aug_sigma: float = 0.1       # noise level of the conditioning augmentation of the cascade's SR stage
+TASKS = ("denoiser", "noisy_classifier")  # what a run trains; see torchdiffusion.build
 
 
 @dataclass
 class RunConfig:
     name: str = "run"               # run name; outputs go to out_dir/name
     out_dir: str = "outputs"        # folder of runs
+    task: str = "denoiser"          # denoiser (a diffusion model) or noisy_classifier (for classifier guidance)
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -113,7 +102,7 @@ class ConfigError(ValueError):
 def _coerce(value, typ, where: str):
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
         if value is None and type(None) in args:
             return None
         errors = []
@@ -143,11 +132,20 @@ def _coerce(value, typ, where: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if typ is dict or origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where} must be a mapping of option names to values, got {value!r}")
+        for k, v in value.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{where}.{k} must be a finite number, got {v!r}")
+        return dict(value)
     if typ is tuple or origin in (tuple, list, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
@@ -204,6 +202,46 @@ def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
     return out
 
 
+def upgrade_config(d: dict) -> dict:
+    """A configuration dict written before the layout with `task` (a checkpoint's or a YAML file's) in today's
+    form: model.kind 'classifier' becomes task 'noisy_classifier' with model.kind 'noisy_classifier', the section
+    model.classifier becomes model.noisy_classifier, and sample.guidance 'none' with a scale other than 1 (which
+    then meant classifier-free guidance) becomes 'cfg'. Today's dicts pass through unchanged."""
+    d = {**d}
+    earlier = "task" not in d
+    model = dict(d.get("model") or {})
+    if "classifier" in model:
+        model["noisy_classifier"] = model.pop("classifier")
+    if model.get("kind") == "classifier":
+        model["kind"] = "noisy_classifier"
+        d.setdefault("task", "noisy_classifier")
+    if model:
+        d["model"] = model
+    sample = d.get("sample")
+    if earlier and isinstance(sample, dict) and sample.get("guidance", "none") == "none" \
+            and sample.get("guidance_scale", 1.0) != 1.0:
+        d["sample"] = {**sample, "guidance": "cfg"}
+    return d
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check the choices and options that dataclass types cannot: names against their registries, the schedule's
+    and sampler's options against their signatures. Raises ConfigError naming the field and the allowed values."""
+    try:
+        check_choice("task", cfg.task, TASKS)
+        check_choice("model.kind", cfg.model.kind, tuple(NETS))
+        check_choice("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES)
+        check_choice("diffusion.prediction", cfg.diffusion.prediction, PREDICTIONS)
+        check_schedule_options(cfg.diffusion.schedule, cfg.diffusion.schedule_options)
+        check_choice("sample.sampler", cfg.sample.sampler, sorted(SAMPLERS))
+        check_choice("sample.spacing", cfg.sample.spacing, SPACINGS)
+        check_sampler_options(cfg.sample.sampler, {**cfg.sample.sampler_options,
+                                                   **({"final": cfg.sample.final} if cfg.sample.final else {})})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -225,7 +263,7 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
             raise ConfigError(f"{path} must contain a mapping at the top level")
     for key, value in parse_overrides(overrides or []):
         set_by_path(d, key, value)
-    return from_dict(RunConfig, d)
+    return validate(from_dict(RunConfig, d))
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

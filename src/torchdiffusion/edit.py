@@ -22,22 +22,20 @@ a sigma grid and works in VE coordinates (x = x0 + sigma n):
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
+import dataclasses
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .objectives import low_res_condition
-from .sampling import get_sampler
-from .sampling.core import expand_sigma, to_d
+from .sampling import SampleConfig, generate, get_sampler
+from .sampling.core import expand_sigma, levels, to_d
 from .utils import check_choice, hash_seed, randn, randn_like, sample_generators, slerp
 
 # Samplers whose step over [sigma, sigma'] depends only on (x, sigma, sigma'): they can be run one interval at a
 # time with a projection in between. Multistep samplers (dpmpp_2m/3m, unipc, ...) would lose their history.
 STEP_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "euler_ancestral", "dpmpp_2s")
-MASKS = ("left", "right", "top", "bottom", "center", "outside")  # the named region is the one to fill
+DEFAULT_STEP_SAMPLER = "ddpm"  # what inpainting uses when the run samples with a multistep sampler
 CASCADE_STREAM = 7  # seed stream of the super-resolution stage's noise (base stage: the seed itself)
 
 Projection = Callable[..., torch.Tensor]  # project(x, sigma, *, generator=None) -> x in C (at level sigma)
@@ -136,15 +134,15 @@ def sample_constrained(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, proje
     are allowed: a multistep one would restart at its first-order step in every interval. Heun's churn is
     computed per interval (n = 1 in Karras et al.'s gamma)."""
     fn = get_sampler(check_step_sampler(sampler))
-    x = project(x, sigmas[0], generator=generator)
+    x = project(x, float(sigmas[0]), generator=generator)
     path = resample_path(len(sigmas) - 1, jump_length, resample)
     for k, (a, b) in enumerate(zip(path[:-1], path[1:])):
         if b > a:  # one step down
             step_cb = None if callback is None else (lambda info, k=k: callback({**info, "i": k}))
             x = fn(denoiser, x, sigmas[a:b + 1], generator=generator, callback=step_cb, **opts)
-            x = project(x, sigmas[b], generator=generator)
+            x = project(x, float(sigmas[b]), generator=generator)
         else:  # back up by the forward process q(x_hi | x_lo)
-            x = x + (sigmas[b] ** 2 - sigmas[a] ** 2).sqrt() * randn_like(x, generator=generator)
+            x = x + float(sigmas[b] ** 2 - sigmas[a] ** 2) ** 0.5 * randn_like(x, generator=generator)
     return x
 
 
@@ -213,7 +211,7 @@ def ddim_invert(denoiser, image: torch.Tensor, sigmas: torch.Tensor, *, iters: i
     if iters < 0:
         raise ValueError(f"iters must be non-negative, got {iters}")
     x = image
-    rev = sigmas.flip(0)  # increasing: 0, sigma_min, ..., sigma_max
+    rev = levels(sigmas)[::-1]  # increasing: 0, sigma_min, ..., sigma_max
     for i, (lo, hi) in enumerate(zip(rev[:-1], rev[1:])):
         x_lo, level = x, (lo if lo > 0 else hi)
         denoised = denoiser(x_lo, expand_sigma(level, x_lo))
@@ -240,102 +238,23 @@ def interpolate(denoiser, a: torch.Tensor, b: torch.Tensor, sigmas: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------- cascade
-def sample_cascade(base, sr, base_shape: tuple, sr_shape: tuple, *, n: int, aug_sigma: float = 0.0, seed: int = 0,
-                   low_res: int | None = None, **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-stage cascade (Ho et al. 2021): `base` draws n low-resolution samples of `base_shape`; `sr`, a denoiser
-    whose net takes `low_res` / `low_res_sigma` (UNet cond_channels > 0), draws the high-resolution ones of
-    `sr_shape` conditioned on them, noised at level `aug_sigma` (conditioning augmentation). Sample i of both
-    stages uses its own generators, so results do not depend on batching. Returns (low, high)."""
-    from .pipeline import generate
-
-    if aug_sigma < 0:
-        raise ValueError(f"aug_sigma must be non-negative, got {aug_sigma}")
+def sample_cascade(base, sr, base_shape: tuple, sr_shape: tuple, spec: SampleConfig, *, n: int | None = None,
+                   low_res: int | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-stage cascade (Ho et al. 2021): `base` draws n (default spec.n) low-resolution samples of `base_shape`;
+    `sr`, a denoiser whose net takes `low_res` / `low_res_sigma` (UNet cond_channels > 0), draws the
+    high-resolution ones of `sr_shape` conditioned on them, noised at level spec.sr_aug_sigma (conditioning
+    augmentation). Both stages sample as `spec` says; sample i of each uses its own generators, so results do
+    not depend on batching. Returns (low, high)."""
+    n = spec.n if n is None else n
+    if spec.sr_aug_sigma < 0:
+        raise ValueError(f"sr_aug_sigma must be non-negative, got {spec.sr_aug_sigma}")
     size = low_res or base_shape[-1]
     if base_shape[-1] != size or base_shape[-2] != size or base_shape[0] != sr_shape[0]:
         raise ValueError(f"the super-resolution model takes {sr_shape[0]}x{size}x{size} conditioning images but "
                          f"the base model draws {'x'.join(map(str, base_shape))}")
-    low = generate(base, base_shape, n=n, seed=seed, **generate_kwargs)  # (n, C, h, w)
-    aug = torch.full((n,), float(aug_sigma))
-    cond = low_res_condition(low, size, aug, generator=sample_generators(hash_seed(seed, CASCADE_STREAM), n))
-    high = generate(sr, sr_shape, n=n, seed=hash_seed(seed, CASCADE_STREAM + 1), cond=cond, **generate_kwargs)
+    low = generate(base, base_shape, spec, n=n, progress=progress)  # (n, C, h, w)
+    aug = torch.full((n,), float(spec.sr_aug_sigma))
+    cond = low_res_condition(low, size, aug, generator=sample_generators(hash_seed(spec.seed, CASCADE_STREAM), n))
+    sr_spec = dataclasses.replace(spec, seed=hash_seed(spec.seed, CASCADE_STREAM + 1))
+    high = generate(sr, sr_shape, sr_spec, n=n, cond=cond, progress=progress)
     return low, high
-
-
-# --------------------------------------------------------------------------------------- inputs from the CLI
-def _parse_indices(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise ValueError(f"bad index list {text!r}; use e.g. 0,3,5 or 0-7")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        out.extend(range(lo, hi + 1))
-    return out
-
-
-def load_images(spec: str, shape: tuple) -> torch.Tensor:
-    """Images in [-1, 1] of the model's `shape` (C, H, W) from `spec`: an image file (PNG, JPG, ...), a .npz/.npy
-    file (all its images), or DATASET:INDICES with a dataset name or path `make_dataset` accepts and indices
-    like 0,3,5 or 0-7 (e.g. mnist-test:0-7; resized to H x W). Returns (N, C, H, W) float32."""
-    from .data import NPZ_SUFFIXES, make_dataset
-    from .data.images import load_npz
-
-    c, h, w = shape
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix.lower() in NPZ_SUFFIXES:
-        x = load_npz(path)[0]
-    elif path.is_file():
-        from PIL import Image
-
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L" if c == 1 else "RGB"))
-        x = torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1)).permute(2, 0, 1)[None]
-    elif ":" in spec:
-        name, idx = spec.rsplit(":", 1)
-        data = make_dataset(name, split="test" if name.lower() == "mnist" else "train", image_size=(h, w))
-        ids = _parse_indices(idx)
-        if max(ids) >= len(data):
-            raise ValueError(f"index {max(ids)} is out of range for {name!r} ({len(data)} images)")
-        return _check_shape(data.batch(torch.tensor(ids))[0], shape, spec)
-    else:
-        raise FileNotFoundError(f"images {spec!r}: no such file; give an image, a .npz file or DATASET:INDICES "
-                                f"(e.g. mnist-test:0-7)")
-    return _check_shape(x.float() / 127.5 - 1, shape, spec)
-
-
-def _check_shape(x: torch.Tensor, shape: tuple, what: str) -> torch.Tensor:
-    if tuple(x.shape[1:]) != tuple(shape):
-        raise ValueError(f"images from {what!r} have shape {tuple(x.shape[1:])} but the model expects "
-                         f"{tuple(shape)}")
-    return x.float()
-
-
-def make_mask(spec: str, shape: tuple) -> torch.Tensor:
-    """A mask (1 = known, 0 = to fill) of shape (1, H, W) for images of `shape` (C, H, W): a named region to fill
-    (MASKS: left, right, top, bottom half, center square, outside = all but the center square) or an image /
-    .npz file whose nonzero pixels are the known ones."""
-    _, h, w = shape
-    if spec in MASKS:
-        m = torch.ones(1, h, w)
-        ch, cw = slice(h // 4, h - h // 4), slice(w // 4, w - w // 4)
-        region = {"left": (slice(None), slice(0, w // 2)), "right": (slice(None), slice(w // 2, w)),
-                  "top": (slice(0, h // 2), slice(None)), "bottom": (slice(h // 2, h), slice(None)),
-                  "center": (ch, cw), "outside": (ch, cw)}[spec]
-        m[(slice(None), *region)] = 0
-        return 1 - m if spec == "outside" else m
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ValueError(f"mask {spec!r} is neither a file nor a named mask; named masks: {', '.join(MASKS)}")
-    from .data import NPZ_SUFFIXES
-    from .data.images import load_npz
-
-    if path.suffix.lower() in NPZ_SUFFIXES:
-        arr = load_npz(path)[0][0]  # (C, H, W) uint8
-    else:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            arr = torch.from_numpy(np.asarray(im.convert("L")).copy())[None]
-    if tuple(arr.shape[-2:]) != (h, w):
-        raise ValueError(f"mask {spec!r} has shape {tuple(arr.shape[-2:])} but the images are {h}x{w}")
-    return (arr[:1] > 0).float()

@@ -1,4 +1,4 @@
-"""Guidance: classifier-free guidance, classifier guidance, and the noise-conditional classifier's objective.
+"""Guidance: classifier-free guidance and classifier guidance, and the rule for which classes to ask for.
 
 Both guidances are denoiser -> denoiser transforms (:class:`~torchdiffusion.precond.DenoiserTransform`) taking
 ``class_labels`` (N,), so every sampler works with them unchanged. In VE coordinates x = x0 + sigma n, the score is
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .precond import DenoiserTransform, x0_from, x0_to
-from .schedules import Schedule
-from .utils import append_dims, check_choice, randn_like
+from .utils import append_dims, check_choice
 
 GUIDANCES = ("none", "cfg", "classifier")
 RESCALE_SPACES = ("eps", "v", "x0")
@@ -41,14 +39,9 @@ def _check_interval(interval):
 
 
 def net_num_classes(denoiser) -> int | None:
-    """The class count of the network under a chain of denoiser transforms (None: unconditional)."""
-    d = denoiser
-    while d is not None:
-        net = getattr(d, "net", None)
-        if net is not None and hasattr(net, "num_classes"):
-            return net.num_classes
-        d = getattr(d, "inner", None)
-    return None
+    """The class count of the network under a chain of denoiser transforms (None: unconditional); Precond and
+    every transform declare it."""
+    return getattr(denoiser, "num_classes", None)
 
 
 def _repeat_cond(cond: dict, n: int, idx: torch.Tensor) -> dict:
@@ -111,35 +104,11 @@ class ClassifierFreeGuidance(DenoiserTransform):
         return torch.where(append_dims(keep, x.ndim), x0_from(sp, p, x, sigma.clamp_min(1e-12)), guided)
 
 
-class SigmaClassifier(nn.Module):
-    """A noise-conditional classifier net(x_in, t) -> logits seen in VE coordinates: (x, sigma) -> logits (N, K).
-
-    Like :class:`~torchdiffusion.precond.Precond`, the network gets the schedule's input x_in = input_scale(sigma) x
-    and time net_time(sigma), i.e. exactly what it was trained on.
-    """
-
-    def __init__(self, net: nn.Module, schedule: Schedule):
-        super().__init__()
-        self.net = net
-        self.schedule = schedule
-
-    @property
-    def num_classes(self) -> int:
-        return self.net.num_classes
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
-            raise ValueError(f"sigma must have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
-        s = sigma.to(torch.float32)
-        c_in = self.schedule.input_scale(s).to(torch.float32)
-        c_noise = self.schedule.net_time(s).to(torch.float32)
-        return self.net(append_dims(c_in, x.ndim) * x.to(torch.float32), c_noise).float()  # (N, K)
-
-
 class ClassifierGuidance(DenoiserTransform):
     """D_s = D + s sigma^2 grad_x log p_phi(y | x, sigma) (Dhariwal & Nichol 2021, Alg. 1, in VE form).
 
-    `classifier(x, sigma) -> logits` in VE coordinates (a :class:`SigmaClassifier`, or an exact posterior). The
+    `classifier(x, sigma) -> logits` in VE coordinates (a :class:`~torchdiffusion.precond.SigmaClassifier`, or an
+    exact posterior). The
     inner denoiser is called without the labels (a class-conditional net then sees its null class, i.e. it is the
     unconditional model) unless `condition_inner` is set. `interval` as in :class:`ClassifierFreeGuidance`.
     """
@@ -178,6 +147,9 @@ def guide(denoiser, guidance: str = "none", scale: float = 1.0, *, classifier=No
           interval: tuple[float, float] | None = None, rescale: float = 0.0):
     """Wrap `denoiser` in the named guidance ('none', 'cfg' or 'classifier'); classifier: a SigmaClassifier."""
     check_choice("guidance", guidance, GUIDANCES)
+    if guidance == "none" and scale != 1.0:
+        raise ValueError(f"guidance scale {scale:g} has no effect without a guidance method: choose guidance 'cfg' "
+                         "(classifier-free) or 'classifier'")
     if guidance == "cfg":
         return ClassifierFreeGuidance(denoiser, scale, interval=interval, rescale=rescale)
     if guidance == "classifier":
@@ -203,27 +175,8 @@ def class_labels_for(n: int, class_label: int | None, num_classes: int | None, *
     return torch.full((n,), int(class_label), dtype=torch.long)
 
 
-# ------------------------------------------------------------------------------------------- training
-class ClassifierObjective:
-    """Cross-entropy of a noise-conditional classifier on x = x0 + sigma n, sigma ~ schedule.sample_sigmas
-    (Dhariwal & Nichol 2021, sec. 4.1); call as ``objective(model, x0, {"class_labels": y}, generator=None)``
-    with `model` a :class:`SigmaClassifier`. Same interface as the diffusion objective, so the Trainer uses it."""
-
-    def __init__(self, schedule: Schedule):
-        self.schedule = schedule
-
-    def per_sample(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None,
-                   sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy per sample (N,). `sigma` and `noise` may be given (validation); else they are drawn."""
-        y = (cond or {}).get("class_labels")
-        if y is None:
-            raise ValueError("the classifier objective needs class labels: cond={'class_labels': y}")
-        if sigma is None:
-            sigma = self.schedule.sample_sigmas(x0.shape[0], generator=generator, device=x0.device)
-        if noise is None:
-            noise = randn_like(x0, generator=generator)
-        x = x0 + append_dims(sigma, x0.ndim) * noise
-        return F.cross_entropy(model(x, sigma), y.long(), reduction="none")  # (N,)
-
-    def __call__(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
-        return self.per_sample(model, x0, cond, generator=generator).mean()
+def requested_labels(n: int, class_label: int | None, guidance: str, num_classes: int | None):
+    """The (n,) classes a sampling run asks for (None: unconditional): `class_label` as in :func:`class_labels_for`,
+    except that with guidance on, None means -1 (class i mod K): guidance needs a class to guide towards."""
+    check_choice("guidance", guidance, GUIDANCES)
+    return class_labels_for(n, -1 if class_label is None and guidance != "none" else class_label, num_classes)

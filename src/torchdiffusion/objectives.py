@@ -1,10 +1,12 @@
 """Training objectives on the denoiser contract: `objective(denoiser, x0, cond) -> loss`.
 
-Every objective draws a noise level sigma from the schedule and noise n, forms x = x0 + sigma n, and asks the
-denoiser for D(x, sigma) ~ x0. The error is measured in the space of what the wrapped network predicts:
-for a :class:`~torchdiffusion.precond.Precond` with c_out(sigma), the network-output error is exactly
-(D - x0) / |c_out| (eps: (D - x0)/sigma = eps_hat - eps, DDPM's L_simple; x0: D - x0; v: ...), so L2 in that
-space is a sigma-dependent weight on the x0 error, and L1 / Huber are applied to the same scaled error.
+Every objective draws a noise level sigma from the schedule and noise n and forms x = x0 + sigma n
+(:func:`add_noise`). The denoising objective asks the denoiser for D(x, sigma) ~ x0 and measures the error in
+the space of what the network predicts: for a network of prediction type p wrapped with c_out(sigma)
+(:mod:`~torchdiffusion.precond`), the network-output error is exactly (D - x0) / |c_out| (eps: (D - x0)/sigma =
+eps_hat - eps, DDPM's L_simple; x0: D - x0; v: ...), so L2 in that space is a sigma-dependent weight on the x0
+error, and L1 / Huber are applied to the same scaled error. The prediction type is given to the objective (or
+read from the denoiser, which every transform forwards), never guessed.
 
 Weightings (multiplying the per-sample loss in the network-output space):
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .precond import PREDICTIONS, skip_out_coefficients
 from .schedules import DiscreteSchedule, Schedule, VPSchedule
 from .utils import append_dims, check_choice, rand, randn_like
 
@@ -51,12 +54,29 @@ def low_res_condition(x: torch.Tensor, size: int, aug_sigma: torch.Tensor, *, ge
     return {"low_res": low, "low_res_sigma": aug_sigma}
 
 
-class DiffusionObjective:
-    """Denoising score matching loss; call as ``objective(denoiser, x0, cond, generator=None)``."""
+def add_noise(schedule: Schedule, x0: torch.Tensor, *, generator=None, sigma: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x = x0 + sigma n, sigma (N,)): the noised input every objective trains on. sigma is drawn from the
+    schedule's training distribution and n ~ N(0, I) from `generator` unless given (validation, tests)."""
+    if sigma is None:
+        sigma = schedule.sample_sigmas(x0.shape[0], generator=generator, device=x0.device)
+    if noise is None:
+        noise = randn_like(x0, generator=generator)
+    return x0 + append_dims(sigma, x0.ndim) * noise, sigma
 
-    def __init__(self, schedule: Schedule, cfg: ObjectiveConfig | None = None, *, num_classes: int | None = None,
-                 **kwargs):
+
+class DiffusionObjective:
+    """Denoising score matching loss; call as ``objective(denoiser, x0, cond, generator=None)``.
+
+    `prediction` is what the trained network predicts (eps, x0, v, velocity, edm); it fixes the space the error
+    is measured in. None takes it from the denoiser (a Precond, or any transform of one, declares it); a denoiser
+    that declares another one is refused."""
+
+    def __init__(self, schedule: Schedule, cfg: ObjectiveConfig | None = None, *, prediction: str | None = None,
+                 num_classes: int | None = None, **kwargs):
         cfg = cfg or ObjectiveConfig(**kwargs)
+        if prediction is not None:
+            check_choice("prediction", prediction, PREDICTIONS)
         check_choice("loss", cfg.loss, LOSSES)
         check_choice("weighting", cfg.weighting, WEIGHTINGS)
         if cfg.weighting == "vlb" and not isinstance(schedule, (DiscreteSchedule, VPSchedule)):
@@ -71,6 +91,8 @@ class DiffusionObjective:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cfg.cond_drop_prob}")
         self.schedule = schedule
         self.cfg = cfg
+        self.prediction = prediction
+        self.sigma_data = float(getattr(schedule, "sigma_data", 0.5))
         self.num_classes = num_classes  # null class index for condition dropout
 
     # ---------------------------------------------------------------------------------------- weights
@@ -123,20 +145,33 @@ class DiffusionObjective:
         return {**cond, "class_labels": torch.where(drop, torch.full_like(y, self.num_classes), y)}
 
     # --------------------------------------------------------------------------------------------- loss
+    def prediction_of(self, denoiser) -> str:
+        """The prediction type the loss is measured in: this objective's, checked against the denoiser's."""
+        declared = getattr(denoiser, "prediction", None)
+        if self.prediction is None:
+            if declared is None:
+                raise ValueError("the denoiser declares no prediction type: build the objective with "
+                                 f"prediction= one of {', '.join(PREDICTIONS)} (e.g. 'x0' for a plain function)")
+            return declared
+        if declared is not None and declared != self.prediction:
+            raise ValueError(f"the objective measures {self.prediction!r}-prediction errors but the denoiser wraps "
+                             f"a {declared!r}-prediction network")
+        return self.prediction
+
+    def out_scale(self, denoiser, sigma: torch.Tensor) -> torch.Tensor:
+        """|c_out(sigma)| of the prediction type: x0 errors divided by it are network-output errors."""
+        return skip_out_coefficients(self.prediction_of(denoiser), sigma.float(), self.sigma_data)[1].abs()
+
     def per_sample(self, denoiser, x0: torch.Tensor, cond: dict | None = None, *, generator=None,
                    sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted loss per sample (N,). `sigma` and `noise` may be given (tests); else they are drawn."""
         n = x0.shape[0]
-        if sigma is None:
-            sigma = self.schedule.sample_sigmas(n, generator=generator, device=x0.device)
-        if noise is None:
-            noise = randn_like(x0, generator=generator)
-        x = x0 + append_dims(sigma, x0.ndim) * noise
+        x, sigma = add_noise(self.schedule, x0, generator=generator, sigma=sigma, noise=noise)
         if self.cfg.low_res:  # super-resolution: the conditioning image is made from x0 itself
             aug = rand((n,), generator=generator, device=x0.device) * self.cfg.cond_aug_max_sigma
             cond = {**(cond or {}), **low_res_condition(x0, self.cfg.low_res, aug, generator=generator)}
         denoised = denoiser(x, sigma, **(cond or {}))
-        out_scale = denoiser.out_scale(sigma) if hasattr(denoiser, "out_scale") else torch.ones_like(sigma)
+        out_scale = self.out_scale(denoiser, sigma)
         err = (denoised - x0) / append_dims(out_scale, x0.ndim)
         per = self.elementwise(err).flatten(1).mean(1)
         return per * self.weight(sigma, out_scale)
@@ -145,3 +180,25 @@ class DiffusionObjective:
         """Training loss: condition dropout (if configured), then the mean of :meth:`per_sample`."""
         cond = self.drop_condition(cond, generator=generator)
         return self.per_sample(denoiser, x0, cond, generator=generator).mean()
+
+
+class ClassifierObjective:
+    """Cross-entropy of a noise-conditional classifier on x = x0 + sigma n, sigma ~ schedule.sample_sigmas
+    (Dhariwal & Nichol 2021, sec. 4.1); call as ``objective(model, x0, {"class_labels": y}, generator=None)``
+    with `model` a :class:`~torchdiffusion.precond.SigmaClassifier`. Same interface as the diffusion objective,
+    so the trainer runs either."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def per_sample(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None,
+                   sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy per sample (N,). `sigma` and `noise` may be given (validation); else they are drawn."""
+        y = (cond or {}).get("class_labels")
+        if y is None:
+            raise ValueError("the classifier objective needs class labels: cond={'class_labels': y}")
+        x, sigma = add_noise(self.schedule, x0, generator=generator, sigma=sigma, noise=noise)
+        return F.cross_entropy(model(x, sigma), y.long(), reduction="none")  # (N,)
+
+    def __call__(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
+        return self.per_sample(model, x0, cond, generator=generator).mean()

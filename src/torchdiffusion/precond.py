@@ -69,7 +69,32 @@ def convert(out: torch.Tensor, src: str, dst: str, x: torch.Tensor, sigma: torch
     return x0_to(dst, x0_from(src, out, x, sigma, sigma_data), x, sigma, sigma_data)
 
 
-class Precond(nn.Module):
+class SigmaModule(nn.Module):
+    """A raw network seen in VE coordinates: it receives what it was trained on, the schedule's input
+    c_in(sigma) x and time c_noise(sigma) (EDM, Table 1). Base of :class:`Precond` (-> x0) and
+    :class:`SigmaClassifier` (-> class logits)."""
+
+    def __init__(self, net: nn.Module, schedule: Schedule):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of a class-conditional (or classifier) network, None when it has none."""
+        return getattr(self.net, "num_classes", None)
+
+    def net_input(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_in(sigma) x in float32, c_noise(sigma) (N,) float32), checking that sigma has shape (N,)."""
+        if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+            raise ValueError(f"sigma must have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
+        s = sigma.to(torch.float32)
+        c_in = self.schedule.input_scale(s).to(torch.float32)
+        c_noise = self.schedule.net_time(s).to(torch.float32)
+        return append_dims(c_in, x.ndim) * x.to(torch.float32), c_noise
+
+
+class Precond(SigmaModule):
     """Wrap `net(x_in, t, **cond)` into a denoiser. `schedule` fixes c_in and c_noise, `prediction` c_skip/c_out."""
 
     def __init__(
@@ -78,34 +103,30 @@ class Precond(nn.Module):
         schedule: Schedule,             # time and input conventions the network was trained under
         prediction: str = "eps",        # what F predicts: eps, x0, v, velocity or edm
     ):
-        super().__init__()
+        super().__init__(net, schedule)
         check_choice("prediction", prediction, PREDICTIONS)
-        self.net = net
-        self.schedule = schedule
         self.prediction = prediction
         self.sigma_data = float(getattr(schedule, "sigma_data", 0.5))
 
-    def coefficients(self, sigma: torch.Tensor):
-        """(c_skip, c_out, c_in, c_noise), each of shape (N,), float32."""
-        s = sigma.to(torch.float32)
-        c_skip, c_out = skip_out_coefficients(self.prediction, s, self.sigma_data)
-        c_in = self.schedule.input_scale(s).to(torch.float32)
-        c_noise = self.schedule.net_time(s).to(torch.float32)
-        return c_skip, c_out, c_in, c_noise
-
     def out_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """|c_out|: an error in x0 divided by this is the error in the network's own output space."""
-        return self.coefficients(sigma)[1].abs()
+        return skip_out_coefficients(self.prediction, sigma.to(torch.float32), self.sigma_data)[1].abs()
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
-            raise ValueError(f"sigma must have shape ({x.shape[0]},), got {tuple(sigma.shape)}")
-        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        xf = x.to(torch.float32)
-        out = self.net(append_dims(c_in, x.ndim) * xf, c_noise, **cond).to(torch.float32)
+        x_in, c_noise = self.net_input(x, sigma)
+        c_skip, c_out = skip_out_coefficients(self.prediction, sigma.to(torch.float32), self.sigma_data)
+        out = self.net(x_in, c_noise, **cond).to(torch.float32)
         if out.shape != x.shape:
             raise ValueError(f"network returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-        return append_dims(c_skip, x.ndim) * xf + append_dims(c_out, x.ndim) * out
+        return append_dims(c_skip, x.ndim) * x.to(torch.float32) + append_dims(c_out, x.ndim) * out
+
+
+class SigmaClassifier(SigmaModule):
+    """A noise-conditional classifier net(x_in, t) -> logits seen in VE coordinates: (x, sigma) -> logits (N, K),
+    the network receiving exactly what a :class:`Precond` network of the same schedule receives."""
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.net(*self.net_input(x, sigma)).float()  # (N, K)
 
 
 def denoiser_from_eps(eps_fn: Callable, schedule: Schedule) -> Precond:
@@ -119,7 +140,9 @@ def denoiser_from_eps(eps_fn: Callable, schedule: Schedule) -> Precond:
 
 
 class DenoiserTransform(nn.Module):
-    """Base of denoiser -> denoiser transforms (clamping, conditioning, guidance): keeps `schedule` visible."""
+    """Base of denoiser -> denoiser transforms (clamping, conditioning, guidance). It forwards what the wrapped
+    denoiser declares about itself (schedule, prediction, out_scale, num_classes), so code that needs them sees
+    through any chain of transforms."""
 
     def __init__(self, inner):
         super().__init__()
@@ -128,6 +151,19 @@ class DenoiserTransform(nn.Module):
     @property
     def schedule(self) -> Schedule:
         return self.inner.schedule
+
+    @property
+    def prediction(self) -> str | None:
+        return getattr(self.inner, "prediction", None)
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.inner, "num_classes", None)
+
+    def out_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self.inner, "out_scale"):
+            raise AttributeError(f"{type(self.inner).__name__} declares no out_scale")
+        return self.inner.out_scale(sigma)
 
 
 class ClampX0(DenoiserTransform):
@@ -152,3 +188,15 @@ class Conditioned(DenoiserTransform):
 
     def forward(self, x, sigma, **cond):
         return self.inner(x, sigma, **{**self.cond, **cond})
+
+
+class CountCalls(DenoiserTransform):
+    """Count the calls of a denoiser (the NFE of a sampler run): ``.calls`` after sampling."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.calls = 0
+
+    def forward(self, x, sigma, **cond):
+        self.calls += 1
+        return self.inner(x, sigma, **cond)

@@ -13,9 +13,9 @@ log signal-to-noise ratio is log SNR = log(alpha_bar / (1 - alpha_bar)) = -2 log
 """
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 
@@ -122,13 +122,14 @@ class DiscreteSchedule(Schedule):
     inverses at the integer timesteps and continuous in between.
     """
 
-    def __init__(self, betas: torch.Tensor, name: str = "custom"):
+    def __init__(self, betas: torch.Tensor, name: str = "custom", options: dict | None = None):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError("betas must be a 1-D tensor with at least 2 entries")
         if not ((betas > 0) & (betas < 1)).all():
             raise ValueError("betas must lie strictly between 0 and 1")
         self.name = name
+        self.options = dict(options or {})  # the beta function's keyword options, for config()
         self.T = len(betas)
         self.betas = betas                                        # (T,)
         self.alphas = 1 - betas                                   # (T,)
@@ -145,14 +146,17 @@ class DiscreteSchedule(Schedule):
         self.posterior_mean_coef_xt = (1 - self.alpha_bar_prev) * self.alphas.sqrt() / (1 - self.alpha_bar)
 
     @classmethod
-    def from_name(cls, name: str, T: int = 1000) -> "DiscreteSchedule":
+    def from_name(cls, name: str, T: int = 1000, **options) -> "DiscreteSchedule":
+        """The named schedule of T steps; `options` are keyword options of its beta function (e.g. linear's
+        beta_start, beta_end; cosine's s; sigmoid's start, end, tau)."""
         check_choice("discrete schedule", name, DISCRETE_SCHEDULES)
         if T < 2:
             raise ValueError(f"T must be at least 2, got {T}")
-        return cls(BETA_FUNCTIONS[name](T), name=name)
+        check_schedule_options(name, options)
+        return cls(BETA_FUNCTIONS[name](T, **options), name=name, options=options)
 
     def config(self) -> dict:
-        return {"name": self.name, "T": self.T}
+        return {"name": self.name, "T": self.T, **self.options}
 
     @property
     def t_range(self):
@@ -325,25 +329,37 @@ class RectifiedFlowSchedule(Schedule):
         return self.t_to_sigma(t).to(device=device, dtype=torch.float32)
 
 
-@dataclass
-class ScheduleConfig:
-    name: str = "linear"        # one of linear, cosine, sigmoid (discrete DDPM), vp, edm, rf
-    T: int = 1000               # number of discrete steps (discrete schedules only)
+CONTINUOUS_SCHEDULES = {"vp": VPSchedule, "edm": EDMSchedule, "rf": RectifiedFlowSchedule}
 
 
-def get_schedule(name: str = "linear", T: int = 1000, **kwargs) -> Schedule:
-    """Build a schedule by name: 'linear', 'cosine', 'sigmoid' (discrete, T steps), 'vp', 'edm' or 'rf'."""
+def schedule_option_names(name: str) -> list[str]:
+    """The keyword options a schedule takes: its constructor's parameters (continuous schedules) or its beta
+    function's beyond T (discrete ones)."""
+    check_choice("schedule", name, SCHEDULES)
+    fn = BETA_FUNCTIONS[name] if name in DISCRETE_SCHEDULES else CONTINUOUS_SCHEDULES[name].__init__
+    skip = {"self", "T"}
+    return [p for p in inspect.signature(fn).parameters if p not in skip]
+
+
+def check_schedule_options(name: str, options: dict) -> dict:
+    """Refuse options the named schedule does not take, naming the ones it does; returns `options`."""
+    allowed = schedule_option_names(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"schedule {name!r} takes no option(s) {', '.join(unknown)}; its options: "
+                         f"{', '.join(allowed)}")
+    return dict(options)
+
+
+def get_schedule(name: str = "linear", T: int = 1000, **options) -> Schedule:
+    """Build a schedule by name: 'linear', 'cosine', 'sigmoid' (discrete, T steps), 'vp', 'edm' or 'rf';
+    `options` are its keyword options (:func:`schedule_option_names`), e.g. EDM's sigma_data or VP's beta_max."""
     check_choice("schedule", name, SCHEDULES)
     if name in DISCRETE_SCHEDULES:
-        if kwargs:
-            raise ValueError(f"discrete schedule {name!r} takes only T; got {sorted(kwargs)}")
-        return DiscreteSchedule.from_name(name, T)
-    return {"vp": VPSchedule, "edm": EDMSchedule, "rf": RectifiedFlowSchedule}[name](**kwargs)
+        return DiscreteSchedule.from_name(name, T, **options)
+    return CONTINUOUS_SCHEDULES[name](**check_schedule_options(name, options))
 
 
 def schedule_from_config(cfg: dict) -> Schedule:
-    cfg = dict(cfg)
-    name = cfg.pop("name")
-    if name in DISCRETE_SCHEDULES:
-        return get_schedule(name, cfg.pop("T", 1000), **cfg)
-    return get_schedule(name, **cfg)
+    """Rebuild a schedule from its :meth:`Schedule.config` dict."""
+    return get_schedule(**cfg)

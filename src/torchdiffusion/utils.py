@@ -15,7 +15,7 @@ def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
     return x[(...,) + (None,) * missing]
 
 
-def check_choice(name: str, value: str, allowed: Iterable[str]) -> str:
+def check_choice(name: str, value, allowed: Iterable):
     """Raise a ValueError naming the allowed values when `value` is not one of them."""
     allowed = list(allowed)
     if value not in allowed:

@@ -46,6 +46,20 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     return save_image(make_grid(images, nrow), path, scale)
 
 
+def save_samples(x: torch.Tensor, out_dir: str | Path, stem: str = "samples") -> dict:
+    """A batch of samples in [-1, 1] as a grid PNG and an .npz of uint8 images (N x H x W x C), for images
+    (N, C, H, W); as an .npz of the float values and a scatter plot for 2-D points (N, 2). Returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npz = out_dir / f"{stem}.npz"
+    if x.ndim == 4:
+        png = save_grid(x, out_dir / f"{stem}.png", nrow=int(math.ceil(math.sqrt(x.shape[0]))), scale=3)
+        np.savez_compressed(npz, images=to_uint8(x))
+        return {"grid": str(png), "npz": str(npz)}
+    np.savez_compressed(npz, samples=x.numpy())
+    return {"npz": str(npz), "plot": str(scatter_2d(x, out_dir / f"{stem}.png"))}
+
+
 def _to_view(x: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [-1, 1] -> an array imshow can draw (grey or RGB), clipped to the valid range."""
     a = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()

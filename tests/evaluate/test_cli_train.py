@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from torchdiffusion.cli import main
+from torchdiffusion.app.cli import main
+from torchdiffusion.app.hooks import standard_hooks
 from torchdiffusion.config import load_config
-from torchdiffusion.evaluate.classifier import classifier_path
-from torchdiffusion.tracking import read_metrics
-from torchdiffusion.train import Trainer
+from torchdiffusion.evaluate.features import feature_net_path
+from torchdiffusion.training.tracking import read_metrics
+from torchdiffusion.training import Trainer
 
-needs_classifier = pytest.mark.skipif(not classifier_path("mnist").exists(),
+needs_classifier = pytest.mark.skipif(not feature_net_path("mnist").exists(),
                                       reason="no trained classifier in the cache (torchdiffusion train-classifier)")
 
 
@@ -38,10 +39,10 @@ def test_evaluate_npz_of_uint8_and_float_samples(tmp_path, capsys):
 
 def test_train_classifier_reports_existing(tmp_cache, capsys):
     from torchdiffusion.checkpoint import save_checkpoint
-    from torchdiffusion.evaluate import classifier as clf
+    from torchdiffusion.evaluate import features as clf
 
-    m = clf.MNISTClassifier()
-    save_checkpoint(clf.classifier_path(), meta={"kind": clf.CLASSIFIER_FORMAT, "arch": m.config,
+    m = clf.FeatureNet()
+    save_checkpoint(clf.feature_net_path(), meta={"kind": clf.FEATURE_NET_FORMAT, "arch": m.config,
                                                  "test_accuracy": 0.25}, model=m.state_dict())
     assert main(["train-classifier"]) == 0
     assert "0.2500" in capsys.readouterr().out
@@ -51,7 +52,7 @@ def test_train_classifier_reports_existing(tmp_cache, capsys):
 def test_periodic_evaluation_is_logged_beside_the_loss(tmp_path):
     cfg = load_config("tiny", [f"out_dir={tmp_path}", "train.steps=4", "train.ckpt_every=0", "train.log_every=2",
                                "train.eval_every=3", "train.eval_samples=32", "sample.steps=2"])
-    Trainer(cfg, progress=False).fit()
+    Trainer(cfg, progress=False, hooks=standard_hooks(cfg)).fit()
     rows = [m for m in read_metrics(tmp_path / cfg.name / "logs") if "fd" in m]
     assert [m["step"] for m in rows] == [3]
     assert all(m["fd"] > 0 and 0 <= m["precision"] <= 1 and "kid" in m and "fd_floor" in m for m in rows)
@@ -60,7 +61,7 @@ def test_periodic_evaluation_is_logged_beside_the_loss(tmp_path):
 def test_periodic_evaluation_skips_non_mnist_data(tmp_path, capsys):
     cfg = load_config("toy2d", [f"out_dir={tmp_path}", "train.steps=2", "train.ckpt_every=0", "train.eval_every=1",
                                 "train.sample_every=0"])
-    Trainer(cfg, progress=False).fit()
+    Trainer(cfg, progress=False, hooks=standard_hooks(cfg)).fit()
     assert "periodic evaluation needs MNIST" in capsys.readouterr().err
     assert not any("fd" in m for m in read_metrics(tmp_path / cfg.name / "logs"))
 
@@ -69,17 +70,17 @@ def test_evaluate_a_class_conditional_checkpoint(tmp_cache, mnist_path, tmp_path
     """`evaluate` of a class-conditional model: --class-label -1 asks for class i mod 10 and reports the accuracy
     against the requested classes; --class-label none samples the null class (no accuracy); a bad value is refused."""
     from torchdiffusion.checkpoint import save_checkpoint
-    from torchdiffusion.evaluate import classifier as clf
+    from torchdiffusion.evaluate import features as clf
 
     (tmp_cache / "mnist").mkdir(parents=True)
     (tmp_cache / "mnist" / "mnist.npz").symlink_to(mnist_path)          # real data, throwaway classifier
-    m = clf.MNISTClassifier()
-    save_checkpoint(clf.classifier_path(), meta={"kind": clf.CLASSIFIER_FORMAT, "dataset": "mnist",
+    m = clf.FeatureNet()
+    save_checkpoint(clf.feature_net_path(), meta={"kind": clf.FEATURE_NET_FORMAT, "dataset": "mnist",
                                                  "arch": m.config, "test_accuracy": 0.1}, model=m.state_dict())
     cfg = load_config("tiny", [f"out_dir={tmp_path}", "train.steps=2", "train.ckpt_every=0", "train.sample_every=0",
                                "model.unet.num_classes=10", "diffusion.objective.cond_drop_prob=0.1",
                                "sample.class_label=-1"])
-    Trainer(cfg, progress=False).fit()
+    Trainer(cfg, progress=False, hooks=standard_hooks(cfg)).fit()
     ckpt = tmp_path / cfg.name / "checkpoints" / "last.safetensors"
     res = {}
     for label in ("-1", "none", "3"):

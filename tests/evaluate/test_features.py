@@ -4,12 +4,12 @@ import torch
 import torch.nn.functional as F
 
 from torchdiffusion.checkpoint import save_checkpoint
-from torchdiffusion.evaluate import classifier as clf
+from torchdiffusion.evaluate import features as clf
 from torchdiffusion.evaluate import inception as inc
 
 
 def test_classifier_shapes_and_random_shift():
-    m = clf.MNISTClassifier().eval()
+    m = clf.FeatureNet().eval()
     x = torch.rand(5, 1, 28, 28) * 2 - 1
     assert m(x).shape == (5, 10) and m.features(x).shape == (5, m.feature_dim)
     with pytest.raises(ValueError, match="28, 28"):
@@ -25,31 +25,31 @@ def test_classifier_shapes_and_random_shift():
 
 
 def test_load_classifier_missing_says_how_to_train(tmp_cache):
-    with pytest.raises(FileNotFoundError, match="torchdiffusion train-classifier"):
-        clf.load_classifier("mnist")
+    with pytest.raises(FileNotFoundError, match="torchdiffusion train-feature-net"):
+        clf.load_feature_net("mnist")
     with pytest.raises(ValueError, match="allowed values"):
-        clf.classifier_path("cifar10")
+        clf.feature_net_path("cifar10")
 
 
 def test_classifier_file_round_trip(tmp_cache):
-    m = clf.MNISTClassifier()
-    meta = {"kind": clf.CLASSIFIER_FORMAT, "dataset": "mnist", "arch": m.config, "test_accuracy": 0.5}
-    save_checkpoint(clf.classifier_path("mnist"), meta=meta, model=m.state_dict())
-    loaded = clf.load_classifier("mnist")
+    m = clf.FeatureNet()
+    meta = {"kind": clf.FEATURE_NET_FORMAT, "dataset": "mnist", "arch": m.config, "test_accuracy": 0.5}
+    save_checkpoint(clf.feature_net_path("mnist"), meta=meta, model=m.state_dict())
+    loaded = clf.load_feature_net("mnist")
     x = torch.rand(3, 1, 28, 28) * 2 - 1
     assert torch.allclose(loaded(x), m.eval()(x))
-    assert clf.classifier_metadata()["test_accuracy"] == 0.5
+    assert clf.feature_net_metadata()["test_accuracy"] == 0.5
 
 
 def test_trained_classifier_accuracy_if_present():
     """The cached classifier (``torchdiffusion train-classifier``) reads > 98.5 % of 2000 test digits correctly."""
-    if not clf.classifier_path("mnist").exists():
+    if not clf.feature_net_path("mnist").exists():
         pytest.skip("no trained classifier in the cache")
     from torchdiffusion.evaluate import real_images
 
     x, y = real_images("mnist", "test", 2000, seed=3)
-    assert clf.classifier_accuracy(clf.load_classifier(), x, y) > 0.985
-    assert clf.classifier_metadata()["test_accuracy"] > 0.99
+    assert clf.feature_net_accuracy(clf.load_feature_net(), x, y) > 0.985
+    assert clf.feature_net_metadata()["test_accuracy"] > 0.99
 
 
 def test_fid_inception_architecture():
@@ -85,7 +85,7 @@ def test_inception_weights_missing_or_wrong(tmp_cache):
 def test_evaluate_samples_on_real_digits():
     """Real test digits disjoint from both reference sets as 'samples': FD near the real-vs-real floor, every class
     covered, labels read correctly; uniform noise is far away."""
-    if not clf.classifier_path("mnist").exists():
+    if not clf.feature_net_path("mnist").exists():
         pytest.skip("no trained classifier in the cache")
     from torchdiffusion.evaluate import evaluate_samples, real_images
 

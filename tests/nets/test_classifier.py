@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from torchdiffusion.config import load_config
-from torchdiffusion.guidance import ClassifierObjective, SigmaClassifier
+from torchdiffusion.config import ConfigError, load_config
+from torchdiffusion.objectives import ClassifierObjective
+from torchdiffusion.precond import SigmaClassifier
 from torchdiffusion.nets import ClassifierConfig, NoisyClassifier
-from torchdiffusion.pipeline import build_denoiser, build_net, build_objective, net_input_shape, num_classes
+from torchdiffusion.build import build_module, build_net, build_objective, net_input_shape, num_classes
 from torchdiffusion.schedules import get_schedule
 
 SMALL = dict(channels=8, channel_mult=(1, 2), attn_resolutions=(7,), num_heads=2, norm_groups=4)
@@ -46,12 +47,16 @@ def test_sigma_classifier_feeds_the_schedules_network_input():
         clf(x, sigma[:2])
 
 
-def test_pipeline_builds_classifier_from_preset():
+def test_build_makes_the_classifier_task_from_its_preset():
     cfg = load_config("classifier-mnist")
-    assert cfg.model.kind == "classifier" and cfg.train.sample_every == 0
+    assert cfg.task == "noisy_classifier" and cfg.model.kind == "noisy_classifier" and cfg.train.sample_every == 0
     assert isinstance(build_net(cfg), NoisyClassifier) and net_input_shape(cfg) == (1, 28, 28)
     assert num_classes(cfg) == 10
-    assert isinstance(build_denoiser(cfg), SigmaClassifier) and isinstance(build_objective(cfg), ClassifierObjective)
+    assert isinstance(build_module(cfg), SigmaClassifier) and isinstance(build_objective(cfg), ClassifierObjective)
+    with pytest.raises(ConfigError, match="task 'noisy_classifier' trains a network of kind 'noisy_classifier'"):
+        build_module(load_config("classifier-mnist", ["model.kind=unet"]))
+    with pytest.raises(ConfigError, match="task 'denoiser' trains a network of kind 'unet' or 'mlp'"):
+        build_module(load_config("classifier-mnist", ["task=denoiser"]))
 
 
 def test_classifier_objective_is_cross_entropy_on_noised_input():

@@ -107,10 +107,10 @@ def test_presets_and_config_round_trip():
 
 
 def test_build_net_registry():
-    assert set(NETS) == {"unet", "mlp"}
+    assert set(NETS) == {"unet", "mlp", "noisy_classifier"}
     assert isinstance(build_net("unet", preset="tiny"), UNet)
     assert isinstance(build_net("unet", channels=8, attn_resolutions=()), UNet)
-    with pytest.raises(ValueError, match="allowed kinds: 'unet', 'mlp'"):
+    with pytest.raises(ValueError, match="allowed values: 'unet', 'mlp', 'noisy_classifier'"):
         build_net("transformer")
 
 

@@ -76,7 +76,7 @@ def test_sigmas_not_ending_in_zero_stop_at_last_level():
         assert 0.9 < out.std().item() < 1.4  # near the marginal at sigma = 1 (std 1.12), not the data (0.5)
 
 
-@pytest.mark.parametrize("name,opts", [("dpm_solver_3", {"order": 4}), ("unipc", {"variant": "bh3"}),
+@pytest.mark.parametrize("name,opts", [("dpm_solver_adaptive", {"order": 4}), ("unipc", {"variant": "bh3"}),
                                        ("pc", {"snr": -1.0}), ("dpmpp_2m", {"final": "nope"}),
                                        ("dpmpp_2m", {"thresholding": 1.5}), ("heun", {"s_churn": -1.0}),
                                        ("dpm_solver_adaptive", {"order": 1})])

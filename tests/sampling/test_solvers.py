@@ -4,7 +4,8 @@ import torch
 
 from torchdiffusion.data.toy import gaussian, ring_mixture
 from torchdiffusion.sampling import SAMPLERS, dynamic_threshold, final_step, get_sigmas
-from torchdiffusion.sampling.benchmark import CountingDenoiser, sliced_w2, steps_for
+from torchdiffusion.evaluate.metrics import sliced_w2
+from torchdiffusion.precond import CountCalls
 from torchdiffusion.sampling.sigmas import OPTIMIZED_RAMPS
 from torchdiffusion.schedules import EDMSchedule
 
@@ -22,7 +23,7 @@ def test_optimized_spacing_and_counted_nfe():
     for steps in OPTIMIZED_RAMPS:
         sig = get_sigmas(sch, steps, "optimized")
         assert len(sig) == steps + 1 and sig[0] == 80 and sig[-1] == 0 and (sig[:-1] > sig[1:]).all()
-    den = CountingDenoiser(mix)
+    den = CountCalls(mix)
     SAMPLERS["dpmpp_3m"](den, torch.randn(8, 2) * 80, get_sigmas(sch, 5, "optimized"), final="heun0")
     assert den.calls == 5
 
@@ -53,14 +54,15 @@ def test_heun0_final_step_is_second_order_on_gaussian():
     assert (final_step(x, d, "heun0") - exact).abs() < 0.1 * (final_step(x, d, "denoise") - exact).abs()
 
 
-def test_sliced_w2_and_steps_for():
+def test_sliced_w2_and_steps_for(bench):
+    steps_for = bench("samplers").steps_for
     a = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
     assert sliced_w2(a, a) == 0 and abs(sliced_w2(a, a + 1.0) - 1.0) < 0.1  # E[(u.1)^2] = |1|^2 / 3 = 1
     assert steps_for(lambda s: 2 * s - 1, 10) == 5 and steps_for(lambda s: 3 * s + 1, 2) is None
 
 
-def test_tune_schedule_improves_its_objective():
-    from torchdiffusion.sampling.benchmark import tune_schedule
+def test_tune_schedule_improves_its_objective(bench):
+    tune_schedule = bench("samplers").tune_schedule
 
     ramp, final, init = tune_schedule("dpmpp_2m", {"final": "heun0"}, 4, mixes=[ring_mixture(4, 1.0, 0.1)], n=64,
                                       maxiter=40, n_dirs=16)

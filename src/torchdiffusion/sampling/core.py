@@ -4,6 +4,10 @@ All work in VE coordinates (x = x0 + sigma n), where the VP posterior of DDPM be
 q(x_s | x_t, x0) = N(x0 + (s^2/t^2)(x_t - x0), s^2 (t^2 - s^2) / t^2) for noise levels t > s
 (the VP posterior of Ho et al. 2020, eq. 6-7, divided by sqrt(alpha_bar_s)). Each sampler is a loop
 over a pure batched single step that other code (distillation, guidance) can reuse.
+
+One rule for noise levels in every sampler: the loop reads the grid as Python floats (:func:`levels`), the step
+coefficients are computed from those floats, and :func:`expand_sigma` makes the (N,) float32 tensor the denoiser
+contract asks for. Callbacks receive the floats.
 """
 from __future__ import annotations
 
@@ -14,9 +18,14 @@ from ..utils import check_choice, randn_like
 VARIANCES = ("small", "large")
 
 
-def expand_sigma(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A scalar noise level as the (N,) tensor the denoiser contract asks for."""
-    return sigma.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
+def levels(sigmas) -> list[float]:
+    """The noise-level grid as Python floats (a tensor, list or tuple in)."""
+    return [float(s) for s in sigmas]
+
+
+def expand_sigma(sigma: float, x: torch.Tensor) -> torch.Tensor:
+    """A scalar noise level as the (N,) float32 tensor on x's device that the denoiser contract asks for."""
+    return torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -41,7 +50,7 @@ def ddpm_step(x, denoised, sigma, sigma_next, noise, variance="small"):
         var = posterior_variance(sigma, sigma_next)
     else:  # beta_ts / alpha_bar_s with alpha_bar = 1 / (1 + sigma^2)
         var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)
-    return mean + var.sqrt() * noise
+    return mean + var**0.5 * noise
 
 
 def ddim_step(x, denoised, sigma, sigma_next, noise=None, eta=0.0):
@@ -50,9 +59,9 @@ def ddim_step(x, denoised, sigma, sigma_next, noise=None, eta=0.0):
     if sigma_next == 0:
         return denoised
     var = eta**2 * posterior_variance(sigma, sigma_next)
-    x_next = denoised + (sigma_next**2 - var).clamp_min(0).sqrt() * eps
+    x_next = denoised + max(sigma_next**2 - var, 0.0) ** 0.5 * eps
     if eta > 0:
-        x_next = x_next + var.sqrt() * noise
+        x_next = x_next + var**0.5 * noise
     return x_next
 
 
@@ -70,8 +79,9 @@ def _report(callback, i, x, sigma, sigma_next, denoised):
 def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None, variance="small"):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2); with all T levels this is DDPM exactly."""
     check_choice("variance", variance, VARIANCES)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoiser(x, expand_sigma(sigma, x))
         _report(callback, i, x, sigma, sigma_next, denoised)
         noise = randn_like(x, generator=generator) if sigma_next > 0 else None
@@ -84,8 +94,9 @@ def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta=0.0):
     """DDIM (Song et al. 2021, eq. 12): deterministic for eta = 0, DDPM-like for eta = 1."""
     if eta < 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoiser(x, expand_sigma(sigma, x))
         _report(callback, i, x, sigma, sigma_next, denoised)
         noise = randn_like(x, generator=generator) if eta > 0 and sigma_next > 0 else None
@@ -96,8 +107,9 @@ def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta=0.0):
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None):
     """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 with the Heun step off)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoiser(x, expand_sigma(sigma, x))
         _report(callback, i, x, sigma, sigma_next, denoised)
         x = euler_step(x, denoised, sigma, sigma_next)

@@ -16,9 +16,11 @@ import math
 
 import torch
 
-from ..utils import append_dims, randn_like
-from .core import _report, expand_sigma
+from ..utils import append_dims, check_choice, randn_like
+from .core import _report, expand_sigma, levels
 from .ode import check_final, final_step
+
+SDE_SOLVER_TYPES = ("midpoint", "heun")  # second-order correction of sample_dpmpp_2m_sde
 
 
 # ------------------------------------------------------------------------------------ thresholding
@@ -41,10 +43,12 @@ def _thresholded(denoiser, thresholding, max_value=None):
 
 
 def _eps(denoiser, x, sigma):
-    """Noise prediction eps = (x - D(x, sigma)) / sigma; sigma (N,) or 0-d."""
-    s = expand_sigma(sigma, x) if sigma.ndim == 0 else sigma.float()
-    d = denoiser(x, s)
-    return (x - d) / append_dims(sigma.to(x.dtype), x.ndim), d
+    """Noise prediction eps = (x - D(x, sigma)) / sigma; sigma a float or an (N,) tensor."""
+    if isinstance(sigma, torch.Tensor):
+        d = denoiser(x, sigma.float())
+        return (x - d) / append_dims(sigma.to(x.dtype), x.ndim), d
+    d = denoiser(x, expand_sigma(sigma, x))
+    return (x - d) / sigma, d
 
 
 # --------------------------------------------------------------- DPM-Solver (noise prediction, single-step)
@@ -74,7 +78,7 @@ def dpm_solver_2_step(x, eps, sigma, sigma_next, eps_fn, r1=0.5, return_lower=Fa
 def dpm_solver_3_step(x, eps, sigma, sigma_next, eps_fn, r1=1 / 3, r2=2 / 3, return_lower=False):
     """DPM-Solver-3 (Lu et al. 2022a, Algorithm 2). With return_lower also the DPM-Solver-2 (r1) solution that
     shares its first two evaluations (the pair of DPM-Solver-23, Algorithm 5)."""
-    h = torch.log(sigma / sigma_next)
+    h = torch.log(sigma / sigma_next) if isinstance(sigma, torch.Tensor) else math.log(sigma / sigma_next)
     s1, s2 = _mid(sigma, sigma_next, r1), _mid(sigma, sigma_next, r2)
     u1 = x + (s1 - sigma) * eps
     d1 = eps_fn(u1, s1) - eps
@@ -86,25 +90,21 @@ def dpm_solver_3_step(x, eps, sigma, sigma_next, eps_fn, r1=1 / 3, r2=2 / 3, ret
     return x_next
 
 
-def _f64(s, x):
-    return torch.as_tensor(s, dtype=torch.float64, device=x.device)
-
-
 @torch.no_grad()
 def sample_dpm_solver(denoiser, x, sigmas, *, generator=None, callback=None, order=3, final="denoise"):
     """Single-step DPM-Solver of order 1, 2 or 3 (Lu et al. 2022a, Algorithms 1-2) on every step; the step to 0
     is `final`. NFE = order * (steps - 1) + 1."""
-    if order not in (1, 2, 3):
-        raise ValueError(f"unknown order {order!r}; allowed values: 1, 2, 3")
+    check_choice("order", order, (1, 2, 3))
     check_final(final)
 
     def eps_fn(u, s):
         return _eps(denoiser, u, s)[0]
 
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = _f64(sigmas[i], x), _f64(sigmas[i + 1], x)
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
         eps, denoised = _eps(denoiser, x, sigma)
-        _report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+        _report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = final_step(x, denoised, final)
         elif order == 1:
@@ -116,25 +116,19 @@ def sample_dpm_solver(denoiser, x, sigmas, *, generator=None, callback=None, ord
     return x
 
 
-def _fixed_order(opts, order):
-    if opts.get("order", order) != order:
-        raise ValueError(f"this sampler has order {order}; allowed values for order: {order}")
-    return {**opts, "order": order}
-
-
-def sample_dpm_solver_1(denoiser, x, sigmas, *, generator=None, callback=None, **opts):
+def sample_dpm_solver_1(denoiser, x, sigmas, *, generator=None, callback=None, final="denoise"):
     """DPM-Solver-1 (Lu et al. 2022a, eq. 3.7; = DDIM)."""
-    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, **_fixed_order(opts, 1))
+    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, order=1, final=final)
 
 
-def sample_dpm_solver_2(denoiser, x, sigmas, *, generator=None, callback=None, **opts):
+def sample_dpm_solver_2(denoiser, x, sigmas, *, generator=None, callback=None, final="denoise"):
     """DPM-Solver-2 (Lu et al. 2022a, Algorithm 1, r1 = 1/2)."""
-    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, **_fixed_order(opts, 2))
+    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, order=2, final=final)
 
 
-def sample_dpm_solver_3(denoiser, x, sigmas, *, generator=None, callback=None, **opts):
+def sample_dpm_solver_3(denoiser, x, sigmas, *, generator=None, callback=None, final="denoise"):
     """DPM-Solver-3 (Lu et al. 2022a, Algorithm 2, r1 = 1/3, r2 = 2/3)."""
-    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, **_fixed_order(opts, 3))
+    return sample_dpm_solver(denoiser, x, sigmas, callback=callback, order=3, final=final)
 
 
 @torch.no_grad()
@@ -147,8 +141,7 @@ def sample_dpm_solver_adaptive(denoiser, x, sigmas, *, generator=None, callback=
     accepting when E <= 1 and setting h <- h * clip(safety E^(-1/order), 0.2, 5). Step sizes are per sample,
     so a sample's result does not depend on its batch. The step to 0 is `final`.
     """
-    if order not in (2, 3):
-        raise ValueError(f"unknown order {order!r}; allowed values: 2 (DPM-Solver-12), 3 (DPM-Solver-23)")
+    check_choice("order (2: DPM-Solver-12, 3: DPM-Solver-23)", order, (2, 3))
     if rtol <= 0 or atol <= 0 or h_init <= 0:
         raise ValueError("rtol, atol and h_init must be positive")
     check_final(final)
@@ -157,10 +150,11 @@ def sample_dpm_solver_adaptive(denoiser, x, sigmas, *, generator=None, callback=
     def eps_fn(u, s):  # s: (n, 1, ...) float64
         return _eps(denoiser, u, s.flatten())[0]
 
-    for i in range(len(sigmas) - 1):
-        s0, s1 = float(sigmas[i]), float(sigmas[i + 1])
-        eps, denoised = _eps(denoiser, x, _f64(s0, x))
-        _report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        s0, s1 = sig[i], sig[i + 1]
+        eps, denoised = _eps(denoiser, x, s0)
+        _report(callback, i, x, s0, s1, denoised)
         if s1 == 0:
             x = final_step(x, denoised, final)
             continue
@@ -174,13 +168,13 @@ def sample_dpm_solver_adaptive(denoiser, x, sigmas, *, generator=None, callback=
                 break
             xa, la = x[idx], lam[idx]
             lt = torch.minimum(la + h[idx], torch.full_like(la, lam_end))
-            sig, sig_next = append_dims((-la).exp(), nd), append_dims((-lt).exp(), nd)
-            e = eps if first else eps_fn(xa, sig)  # the segment's first evaluation is reused
+            s_a, s_b = append_dims((-la).exp(), nd), append_dims((-lt).exp(), nd)  # (n, 1, ...) per sample
+            e = eps if first else eps_fn(xa, s_a)  # the segment's first evaluation is reused
             first = False
             if order == 2:
-                x_high, x_low = dpm_solver_2_step(xa, e, sig, sig_next, eps_fn, 0.5, return_lower=True)
+                x_high, x_low = dpm_solver_2_step(xa, e, s_a, s_b, eps_fn, 0.5, return_lower=True)
             else:
-                x_high, x_low = dpm_solver_3_step(xa, e, sig, sig_next, eps_fn, return_lower=True)
+                x_high, x_low = dpm_solver_3_step(xa, e, s_a, s_b, eps_fn, return_lower=True)
             delta = atol + rtol * torch.maximum(x_low.abs(), xa.abs())
             err = ((x_low - x_high) / delta).flatten(1).pow(2).mean(1).sqrt().double()
             acc = err <= 1
@@ -228,16 +222,17 @@ def sample_dpmpp_2s(denoiser, x, sigmas, *, generator=None, callback=None, r=0.5
         raise ValueError(f"r must be in (0, 1), got {r}")
     check_final(final)
     den = _thresholded(denoiser, thresholding, threshold_max)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = den(x, expand_sigma(sigmas[i], x))
-        _report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        denoised = den(x, expand_sigma(sigma, x))
+        _report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = final_step(x, denoised, final)
             continue
         s_mid = sigma ** (1 - r) * sigma_next**r
         u = dpmpp_1_step(x, denoised, sigma, s_mid)
-        d_mid = den(u, torch.full((x.shape[0],), s_mid, device=x.device))
+        d_mid = den(u, expand_sigma(s_mid, x))
         d = (1 - 1 / (2 * r)) * denoised + (1 / (2 * r)) * d_mid
         x = dpmpp_1_step(x, d, sigma, sigma_next)
     return x
@@ -249,11 +244,12 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, thres
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep, 1 NFE per step, first step first order."""
     check_final(final)
     den = _thresholded(denoiser, thresholding, threshold_max)
+    sig = levels(sigmas)
     prev, h_prev = None, None  # multistep history, local to this call
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = den(x, expand_sigma(sigmas[i], x))
-        _report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        denoised = den(x, expand_sigma(sigma, x))
+        _report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = final_step(x, denoised, final)
         elif prev is None:
@@ -271,11 +267,12 @@ def sample_dpmpp_3m(denoiser, x, sigmas, *, generator=None, callback=None, thres
     """DPM-Solver++(3M) multistep (Lu et al. 2022b, sec. 3.3): orders 1, 2, then 3 as history accumulates."""
     check_final(final)
     den = _thresholded(denoiser, thresholding, threshold_max)
+    sig = levels(sigmas)
     hist, hs = [], []  # last denoised values and step sizes in lambda, newest first
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = den(x, expand_sigma(sigmas[i], x))
-        _report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        denoised = den(x, expand_sigma(sigma, x))
+        _report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = final_step(x, denoised, final)
             continue
@@ -294,17 +291,17 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, e
                         solver_type="midpoint", thresholding=None, threshold_max=None, final="denoise"):
     """DPM-Solver++(2M) SDE (Lu et al. 2022b, sec. 5 / appendix; k-diffusion's dpmpp_2m_sde): with eta_h = eta h,
     x_t = (sigma_t/sigma_s) e^{-eta h} x_s + (1 - e^{-(1+eta) h}) D + 2nd-order term + sigma_t sqrt(1 - e^{-2 eta h}) z."""
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"unknown solver_type {solver_type!r}; allowed values: 'midpoint', 'heun'")
+    check_choice("solver_type", solver_type, SDE_SOLVER_TYPES)
     if eta < 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
     check_final(final)
     den = _thresholded(denoiser, thresholding, threshold_max)
+    sig = levels(sigmas)
     prev, h_prev = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = den(x, expand_sigma(sigmas[i], x))
-        _report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        denoised = den(x, expand_sigma(sigma, x))
+        _report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = final_step(x, denoised, final)
             continue

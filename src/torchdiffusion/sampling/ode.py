@@ -13,9 +13,11 @@ import numpy as np
 import torch
 
 from ..utils import randn_like
-from .core import _report, euler_step, expand_sigma, to_d
+from ..utils import check_choice
+from .core import _report, euler_step, expand_sigma, levels, to_d
 
 FINAL_STEPS = ("denoise", "heun0")
+ODE_METHODS = ("RK45", "DOP853", "Radau")  # scipy solve_ivp methods of the reference solve
 
 
 def final_step(x, denoised, kind="denoise"):
@@ -33,9 +35,7 @@ def final_step(x, denoised, kind="denoise"):
 
 
 def check_final(final: str) -> str:
-    if final not in FINAL_STEPS:
-        raise ValueError(f"unknown final {final!r}; allowed values: {', '.join(map(repr, FINAL_STEPS))}")
-    return final
+    return check_choice("final", final, FINAL_STEPS)
 
 
 def heun_step(x, denoised, sigma, sigma_next, denoiser_next):
@@ -53,13 +53,14 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, s_churn=0
     """Karras et al. 2022, Algorithm 2: Heun on the PF-ODE, Euler on the last step, optional churn."""
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be non-negative, got {s_churn}, {s_noise}")
-    n = len(sigmas) - 1
+    sig = levels(sigmas)
+    n = len(sig) - 1
     for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= float(sigma) <= s_tmax else 0.0
+        sigma, sigma_next = sig[i], sig[i + 1]
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:  # churn: raise the noise level to sigma_hat by adding fresh noise (lines 5-6)
-            x = x + randn_like(x, generator=generator) * s_noise * (sigma_hat**2 - sigma**2).sqrt()
+            x = x + randn_like(x, generator=generator) * s_noise * math.sqrt(sigma_hat**2 - sigma**2)
         denoised = denoiser(x, expand_sigma(sigma_hat, x))
         _report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
@@ -74,9 +75,9 @@ def ancestral_step(sigma, sigma_next, eta=1.0):
     """Split a move to sigma_next into a deterministic move to sigma_down and fresh noise of std sigma_up, with
     sigma_down^2 + sigma_up^2 = sigma_next^2 and sigma_up = eta * (DDPM posterior std), capped at sigma_next."""
     if sigma_next == 0 or eta == 0:
-        return sigma_next, sigma_next * 0
-    up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
-    return (sigma_next**2 - up**2).sqrt(), up
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up
 
 
 @torch.no_grad()
@@ -85,8 +86,9 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None
     DDPM's ancestral step; eta = 0 is Euler)."""
     if eta < 0:
         raise ValueError(f"eta must be non-negative, got {eta}")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoiser(x, expand_sigma(sigma, x))
         _report(callback, i, x, sigma, sigma_next, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -110,11 +112,10 @@ def sample_ode_reference(denoiser, x, sigmas, *, generator=None, callback=None, 
     from scipy.integrate import solve_ivp
 
     check_final(final)
-    if method not in ("RK45", "DOP853", "Radau"):
-        raise ValueError(f"unknown method {method!r}; allowed values: 'RK45', 'DOP853', 'Radau'")
+    check_choice("method", method, ODE_METHODS)
     chunk = chunk or x.shape[0]
     shape, dtype, device = x.shape, x.dtype, x.device
-    sig = [float(s) for s in sigmas]
+    sig = levels(sigmas)
 
     def solve(xc, s0, s1):
         n = xc.shape[0]
@@ -134,7 +135,7 @@ def sample_ode_reference(denoiser, x, sigmas, *, generator=None, callback=None, 
     for i in range(len(sig) - 1):
         s0, s1 = sig[i], sig[i + 1]
         denoised = denoiser(x, torch.full((shape[0],), s0, dtype=torch.float64)).double()
-        _report(callback, i, x.to(dtype), sigmas[i], sigmas[i + 1], denoised.to(dtype))
+        _report(callback, i, x.to(dtype), s0, s1, denoised.to(dtype))
         target = s1 if s1 > 0 else min(sigma_end, s0)
         if target < s0:
             x = torch.cat([solve(x[j:j + chunk], s0, target) for j in range(0, shape[0], chunk)])

@@ -12,10 +12,14 @@ M steps x <- x + eps score + sqrt(2 eps) z at level sigma_next with eps = 2 (r |
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..utils import append_dims, randn_like
-from .core import _report, expand_sigma
+from ..utils import append_dims, check_choice, randn_like
+from .core import _report, expand_sigma, levels
+
+PREDICTORS = ("euler_maruyama", "euler", "none")  # predictor steps of sample_pc
 
 
 def score_from(x, denoised, sigma):
@@ -27,7 +31,7 @@ def euler_maruyama_step(x, denoised, sigma, sigma_next, noise):
     """One reverse-SDE Euler-Maruyama step in the variable sigma^2 (Song et al. 2021, eq. 47)."""
     ds2 = sigma**2 - sigma_next**2
     x = x + ds2 * score_from(x, denoised, sigma)
-    return x if sigma_next == 0 else x + ds2.sqrt() * noise
+    return x if sigma_next == 0 else x + math.sqrt(ds2) * noise
 
 
 def langevin_step(x, score, noise, snr, sigma):
@@ -49,12 +53,13 @@ def sample_euler_maruyama(denoiser, x, sigmas, *, generator=None, callback=None,
     """Reverse VE SDE by Euler-Maruyama (Song et al. 2021, eq. 47; = DDPM ancestral with 'large' VE variance)."""
     if s_noise < 0:
         raise ValueError(f"s_noise must be non-negative, got {s_noise}")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoiser(x, expand_sigma(sigma, x))
         _report(callback, i, x, sigma, sigma_next, denoised)
         noise = randn_like(x, generator=generator) * s_noise if sigma_next > 0 else None
-        x = euler_maruyama_step(x, denoised, sigma.to(x.dtype), sigma_next.to(x.dtype), noise)
+        x = euler_maruyama_step(x, denoised, sigma, sigma_next, noise)
     return x
 
 
@@ -64,14 +69,14 @@ def sample_pc(denoiser, x, sigmas, *, generator=None, callback=None, snr=0.16, n
     """Predictor-corrector sampling (Song et al. 2021, Algorithms 2 and 4): a reverse-SDE (or PF-ODE Euler)
     predictor step, then `n_corrector` Langevin steps at the new level with target signal-to-noise ratio `snr`
     (0.16, the paper's VE CIFAR-10 value). No corrector at sigma = 0. NFE = steps + n_corrector (steps - 1)."""
-    if predictor not in ("euler_maruyama", "euler", "none"):
-        raise ValueError(f"unknown predictor {predictor!r}; allowed values: 'euler_maruyama', 'euler', 'none'")
+    check_choice("predictor", predictor, PREDICTORS)
     if snr <= 0 or int(n_corrector) != n_corrector or n_corrector < 0:
         raise ValueError(f"need snr > 0 and an integer n_corrector >= 0, got {snr}, {n_corrector}")
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].to(x.dtype), sigmas[i + 1].to(x.dtype)
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
         denoised = denoiser(x, expand_sigma(sigma, x))
-        _report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+        _report(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = denoised
             continue

@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from .core import _report, expand_sigma
+from ..utils import check_choice
+from .core import _report, expand_sigma, levels
 from .ode import check_final, final_step
 
 VARIANTS = ("bh1", "bh2")
@@ -60,24 +61,23 @@ def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, order=3,
                  lower_order_final=True, corrector=True, final="denoise"):
     """UniPC (Zhao et al. 2023, Algorithm 3): UniP-p predictor then UniC corrector (reusing the next
     evaluation); warm-up with lower orders, optionally lower orders on the last steps (as the reference code)."""
-    if order not in (1, 2, 3):
-        raise ValueError(f"unknown order {order!r}; allowed values: 1, 2, 3")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; allowed values: 'bh1', 'bh2'")
+    check_choice("order", order, (1, 2, 3))
+    check_choice("variant", variant, VARIANTS)
     check_final(final)
-    n = len(sigmas) - 1
+    sig = levels(sigmas)
+    n = len(sig) - 1
     hist, lams = [], []           # D values and their lambdas, newest first (local multistep state)
     x_prev = d_prev_hist = None   # state for the corrector of the last predictor step
     this_order = 1
     for i in range(n):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = sig[i], sig[i + 1]
         lam = -math.log(sigma)
-        denoised = denoiser(x, expand_sigma(sigmas[i], x))
+        denoised = denoiser(x, expand_sigma(sigma, x))
         if corrector and x_prev is not None:  # UniC with the fresh evaluation at the predicted point
-            s_prev = float(sigmas[i - 1])
+            s_prev = sig[i - 1]
             x = unipc_update(x_prev, d_prev_hist[0], d_prev_hist[1:], -math.log(s_prev), lams[1:], s_prev, sigma,
                              this_order, variant, d_new=denoised)
-        _report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+        _report(callback, i, x, sigma, sigma_next, denoised)
         hist, lams = [denoised] + hist[:2], [lam] + lams[:2]
         if sigma_next == 0:
             x = final_step(x, denoised, final)

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 
 from torchdiffusion.config import load_config
-from torchdiffusion.demo import run_demo
+from torchdiffusion.app.demo import run_demo
 
 
 def test_demo_writes_sample_n_conditional_samples_and_pictures(tmp_path, mnist_path):

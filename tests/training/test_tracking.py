@@ -1,7 +1,7 @@
 """The TensorBoard event writer produces valid CRC-framed records holding our scalars."""
 import struct
 
-from torchdiffusion.tracking import ScalarWriter, crc32c, read_metrics, read_records
+from torchdiffusion.training.tracking import ScalarWriter, crc32c, read_metrics, read_records
 
 
 def test_crc32c_known_value():

@@ -5,9 +5,9 @@ batch (:class:`~torchdiffusion.data.EpochSampler` shards it); DistributedDataPar
 over the processes during backward, so every optimizer step sees the gradient of the whole global batch
 (Goyal et al. 2017, "Accurate, large minibatch SGD"). The backend is gloo on CPU and NCCL on CUDA.
 
-    torchrun --nproc-per-node 2 -m torchdiffusion.cli train --config demo    # two processes, one machine
+    torchrun --nproc-per-node 2 -m torchdiffusion train --config demo    # two processes, one machine
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-id run1 --rdzv-backend c10d \\
-        --rdzv-endpoint host0:29500 -m torchdiffusion.cli train --config demo  # the same on every machine
+        --rdzv-endpoint host0:29500 -m torchdiffusion train --config demo  # the same on every machine
 
 Without the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK) everything runs in one process.
 """
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..utils import check_choice
 
 BACKENDS = ("gloo", "nccl")
 
@@ -73,8 +76,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed values: {', '.join(map(repr, BACKENDS))}")
+    check_choice("backend", backend, BACKENDS)
     local_rank = _env_int("LOCAL_RANK", 0)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
@@ -110,8 +112,6 @@ def wrap_ddp(net: nn.Module, info: DistInfo) -> nn.Module:
     rank 0 at construction; gradients are all-reduced (averaged) in buckets during backward."""
     if not info.enabled:
         return net
-    from torch.nn.parallel import DistributedDataParallel
-
     device_ids = [info.local_rank] if info.backend == "nccl" else None
     return DistributedDataParallel(net, device_ids=device_ids)
 

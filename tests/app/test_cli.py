@@ -8,7 +8,7 @@ from PIL import Image
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "torchdiffusion.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "torchdiffusion", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=600)
 
 
@@ -60,7 +60,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     import signal
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "torchdiffusion.cli", "train", "--config", "toy2d",
+    p = subprocess.Popen([sys.executable, "-m", "torchdiffusion", "train", "--config", "toy2d",
                           f"out_dir={tmp_path}", "train.steps=1000000", "train.ckpt_every=0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logs = tmp_path / "toy2d" / "logs" / "metrics.jsonl"
@@ -75,3 +75,60 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
 
     meta, _ = load_checkpoint(tmp_path / "toy2d" / "checkpoints" / "last.safetensors")
     assert meta["step"] > 0
+
+
+def cli(*args):
+    from torchdiffusion.app.cli import main
+
+    return main([str(a) for a in args])
+
+
+def test_sampler_option_flag_reaches_the_sampler(trained, tmp_path, capsys):
+    """--sampler-option eta=1 turns deterministic DDIM stochastic, exactly as sampler_options={'eta': 1} through
+    the Python front door; an option the sampler lacks is refused, naming the ones it has."""
+    from torchdiffusion.build import load_denoiser
+    from torchdiffusion.sampling import generate
+
+    ckpt = trained / "checkpoints" / "last.safetensors"
+    common = ["sample", ckpt, "--n", 3, "--steps", 3, "--sampler", "ddim"]
+    assert cli(*common, "--out", tmp_path / "a") == 0
+    assert cli(*common, "--sampler-option", "eta=1.0", "--out", tmp_path / "b") == 0
+    a = np.load(tmp_path / "a" / "ddim_3steps_seed0.npz")["images"]
+    b = np.load(tmp_path / "b" / "ddim_3steps_seed0.npz")["images"]
+    assert not (a == b).all()
+    den, cfg, _ = load_denoiser(ckpt)
+    ref = generate(den, (1, 28, 28), cfg.sample, n=3, steps=3, sampler="ddim", sampler_options={"eta": 1.0})
+    from torchdiffusion.viz import to_uint8
+
+    assert (to_uint8(ref) == b).all()
+    capsys.readouterr()
+    assert cli(*common, "--sampler-option", "churn=1", "--out", tmp_path) == 2
+    assert "sampler 'ddim' takes no option(s) churn; its options: eta" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not KEY=VALUE: the parser refuses it with a usage message
+        cli(*common, "--sampler-option", "eta", "--out", tmp_path)
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_guidance_scale_needs_a_guidance_method(trained, tmp_path, capsys):
+    """No hidden rule turns guidance 'none' into 'cfg': a scale without a method is refused with the fix."""
+    ckpt = trained / "checkpoints" / "last.safetensors"
+    assert cli("sample", ckpt, "--guidance-scale", 2, "--n", 1, "--steps", 1, "--out", tmp_path) == 2
+    assert "needs a guidance method: add --guidance cfg" in capsys.readouterr().err
+
+
+def test_renamed_command_and_bench_front_door(tmp_cache, tmp_path, capsys):
+    """`train-classifier` still works and names its new name; `bench` runs a benchmark of the checkout."""
+    from torchdiffusion.checkpoint import save_checkpoint
+    from torchdiffusion.evaluate import features
+
+    net = features.FeatureNet()
+    save_checkpoint(features.feature_net_path(), meta={"kind": features.FEATURE_NET_FORMAT, "dataset": "mnist",
+                                                       "arch": net.config, "test_accuracy": 0.5},
+                    model=net.state_dict())
+    assert cli("train-classifier") == 0
+    cap = capsys.readouterr()
+    assert "now `torchdiffusion train-feature-net`" in cap.err and "feature network exists" in cap.out
+    assert cli("bench", "structure", "--json", tmp_path / "s.json") == 0
+    assert "import arrows" in capsys.readouterr().out and (tmp_path / "s.json").exists()
+    assert cli("bench", "nope") == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err

@@ -1,10 +1,11 @@
 """The trainer: AdamW, warm-up + cosine learning rate, gradient clipping, EMA, mixed precision, checkpoints.
 
-It holds no diffusion math: each step is ``loss = objective(denoiser, x0, cond)``. A run lives in
-``out_dir/name``: ``config.yaml``, ``checkpoints/{last,best}.safetensors``, ``samples/``, ``logs/`` (JSON lines
-and a TensorBoard event file) and ``loss_curve.png``. Starting a run whose folder holds a last checkpoint
-of the same configuration continues it exactly: same data order, same random streams, same weights as a run
-that was never interrupted.
+It holds no diffusion math: each step is ``loss = objective(module, x0, cond)`` with the module and objective
+that :mod:`torchdiffusion.build` makes for the run's task. A run lives in ``out_dir/name``: ``config.yaml``,
+``checkpoints/{last,best}.safetensors`` and ``logs/`` (JSON lines and a TensorBoard event file); pictures and
+evaluations come from hooks (:class:`Hook`, e.g. :func:`torchdiffusion.app.hooks.standard_hooks`), so the trainer
+imports neither. Starting a run whose folder holds a last checkpoint of the same configuration continues it
+exactly: same data order, same random streams, same weights as a run that was never interrupted.
 """
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from .config import RunConfig, dump_config, to_dict
-from .data import EpochSampler, make_dataset
+from tqdm.auto import tqdm
+
+from ..build import build_module, build_objective, build_schedule, net_input_shape, num_classes, task_of
+from ..checkpoint import CheckpointError, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+from ..config import RunConfig, dump_config, to_dict, upgrade_config
+from ..data import EpochSampler, make_dataset
+from ..utils import check_choice, hash_seed, sample_generators
 from .distributed import all_mean, barrier, broadcast_flag, init_distributed, per_rank_batch, wrap_ddp
-from .pipeline import build_denoiser, build_objective, generate, net_input_shape, num_classes, sample_kwargs
 from .tracking import ScalarWriter, read_metrics
-from .utils import check_choice, hash_seed, sample_generators
-from . import viz
 
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
@@ -37,6 +39,20 @@ LR_SCHEDULES = ("cosine", "constant")
 RESUMABLE_CHANGES = {"name", "out_dir", "sample", "train.steps", "train.max_minutes", "train.log_every",
                      "train.sample_every", "train.ckpt_every", "train.threads", "train.grad_accum",
                      "train.compile", "train.eval_every", "train.eval_samples"}
+
+
+class Hook:
+    """Something the trainer runs on the main process, with the network in eval mode: ``__call__(trainer)`` at
+    every step that is a multiple of `every` (0: never during training), returning scalars to log (or None), and
+    ``end(trainer)`` once after the run. Subclasses override what they need."""
+
+    every: int = 0
+
+    def __call__(self, trainer: "Trainer") -> dict | None:
+        return None
+
+    def end(self, trainer: "Trainer") -> None:
+        return None
 
 
 class EMA:
@@ -120,8 +136,10 @@ class Trainer:
     """Train the configured model on the configured data. `fit()` runs to cfg.train.steps (or max_minutes)."""
 
     def __init__(self, cfg: RunConfig, *, dataset=None, resume: bool = True, progress: bool | None = None,
-                 log_lines: bool = False, device: str | torch.device | None = None):
+                 log_lines: bool = False, device: str | torch.device | None = None, hooks=()):
         t = cfg.train
+        self.task = task_of(cfg)
+        self.hooks = list(hooks)
         check_choice("train.precision", t.precision, PRECISIONS)
         check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
         for name in ("steps", "batch_size"):
@@ -145,13 +163,14 @@ class Trainer:
         self.val = self._validation_batch()
 
         torch.manual_seed(hash_seed(t.seed, 0))  # initialisation
-        self.denoiser = build_denoiser(cfg).to(self.device)
-        self.net = self.denoiser.net
+        self.schedule = build_schedule(cfg)
+        self.module = build_module(cfg, schedule=self.schedule).to(self.device)
+        self.net = self.module.net
         if t.channels_last and self.is_image:
             self.net.to(memory_format=torch.channels_last)
-        self.objective = build_objective(cfg, self.denoiser.schedule)
+        self.objective = build_objective(cfg, self.schedule)
         self.ema = EMA(self.net, t.ema_decay)
-        self.ema_denoiser = build_denoiser(cfg, self.ema.model)
+        self.ema_module = build_module(cfg, self.ema.model, self.schedule)
         # the training forward goes through DDP (gradient all-reduce) and torch.compile when enabled; the EMA,
         # validation and checkpoints use the plain module self.net, which shares the parameters
         self.ddp_net = wrap_ddp(self.net, self.dist)
@@ -176,7 +195,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ setup
     @property
     def is_image(self) -> bool:
-        return self.cfg.model.kind == "unet"
+        return len(net_input_shape(self.cfg)) == 3
+
+    @property
+    def ema_denoiser(self):
+        """The EMA weights wrapped like the trained module (a denoiser for task 'denoiser')."""
+        return self.ema_module
 
     def _check_data_matches_model(self) -> None:
         want = net_input_shape(self.cfg)
@@ -196,14 +220,9 @@ class Trainer:
         idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(12345))[:n]
         x0, y = self.data.batch(idx)
         g = torch.Generator().manual_seed(54321)
-        sigma = self.denoiser_schedule().sample_sigmas(n, generator=g)
+        sigma = build_schedule(self.cfg).sample_sigmas(n, generator=g)
         noise = torch.randn(x0.shape, generator=g)
         return x0, y, sigma, noise
-
-    def denoiser_schedule(self):
-        from .pipeline import build_schedule
-
-        return build_schedule(self.cfg)
 
     def _seed_dropout(self, step: int) -> None:
         """Seed the global torch stream (dropout) per process; the data, augmentation and noise do not use it."""
@@ -219,7 +238,7 @@ class Trainer:
 
     def _set_train_net(self, net: nn.Module) -> None:
         self.train_net = net
-        self.train_denoiser = build_denoiser(self.cfg, net)
+        self.train_module = build_module(self.cfg, net, self.schedule)
 
     def _cond(self, y):
         return {"class_labels": y} if num_classes(self.cfg) is not None else {}
@@ -244,7 +263,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         meta, groups = load_checkpoint(path)
-        diffs = config_differences(meta["config"], to_dict(self.cfg))
+        diffs = config_differences(upgrade_config(meta["config"]), to_dict(self.cfg))
         if diffs:
             raise CheckpointError(
                 f"{self.run_dir} holds a run with a different configuration ({'; '.join(diffs[:6])}). "
@@ -291,7 +310,7 @@ class Trainer:
             with no_sync:
                 with self.autocast():
                     cond = self._cond(None if y is None else y[a:b])
-                    loss = self.objective(self.train_denoiser, x0[a:b], cond, generator=gens[a:b]) * ((b - a) / n)
+                    loss = self.objective(self.train_module, x0[a:b], cond, generator=gens[a:b]) * ((b - a) / n)
                 loss.backward()
             total += loss.detach()
         return total
@@ -323,21 +342,9 @@ class Trainer:
     @torch.no_grad()
     def validation_loss(self) -> float:
         x0, y, sigma, noise = self.val
-        per = self.objective.per_sample(self.ema_denoiser, x0.to(self.device), self._cond(y), sigma=sigma,
+        per = self.objective.per_sample(self.ema_module, x0.to(self.device), self._cond(y), sigma=sigma,
                                         noise=noise.to(self.device))
         return float(per.mean())
-
-    @torch.no_grad()
-    def sample_grid(self, path: Path, n: int = 64) -> torch.Tensor:
-        s = self.cfg.sample
-        shape = tuple(self.data.sample_shape)
-        x = generate(self.ema_denoiser, shape, n=n, device=self.device, **sample_kwargs(s, shape))
-        if self.is_image:
-            viz.save_grid(x, path, nrow=int(math.sqrt(n)))
-        else:
-            ref, _ = self.data.batch(torch.arange(min(len(self.data), 2000)))
-            viz.scatter_2d(x, path, data=ref, title=f"step {self.step}")
-        return x
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -356,8 +363,6 @@ class Trainer:
         deadline = t0 + 60 * t.max_minutes if t.max_minutes > 0 else math.inf
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.cfg.name}", unit="step",
                        dynamic_ncols=True)
         loss_sum, loss_n, window_t, window_steps = torch.zeros((), device=self.device), 0, time.time(), 0
@@ -386,23 +391,7 @@ class Trainer:
                         last_line = now
                     loss_sum.zero_()
                     loss_n, window_t, window_steps = 0, now, 0
-                if t.sample_every and self.step % t.sample_every == 0 and self.cfg.model.kind != "classifier":
-                    self.net.eval()
-                    if main:
-                        self.sample_grid(self.run_dir / "samples" / f"step_{self.step:07d}.png")
-                    self.net.train()
-                    barrier(self.dist)
-                if t.eval_every and self.step % t.eval_every == 0 and self.cfg.model.kind != "classifier":
-                    self.net.eval()
-                    if main:
-                        from .evaluate import periodic_evaluation
-
-                        scalars = periodic_evaluation(self.ema_denoiser, self.cfg, tuple(self.data.sample_shape),
-                                                      device=self.device)
-                        if scalars and writer is not None:
-                            writer.add_scalars(self.step, scalars)
-                    self.net.train()
-                    barrier(self.dist)
+                self._run_hooks(writer)
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                     self.checkpoint(writer)
                 if self.dist.enabled:  # all processes must stop at the same step: rank 0 decides at log steps
@@ -428,15 +417,30 @@ class Trainer:
         elapsed = time.time() - t0
         if writer is not None:
             writer.close()
-            metrics = read_metrics(log_dir)
-            if metrics:
-                viz.loss_curve(metrics, self.run_dir / "loss_curve.png")
+        if main:
+            for hook in self.hooks:
+                hook.end(self)
         steps_done = self.step - start_step
         return {
             "steps": self.step, "steps_this_run": steps_done, "seconds": elapsed,
             "images_per_s": steps_done * t.batch_size / max(elapsed, 1e-9), "best_val": self.best_val,
             "stopped_early": stopped_early, "run_dir": str(self.run_dir),
         }
+
+    def _run_hooks(self, writer: ScalarWriter | None) -> None:
+        """The hooks due at this step, on the main process with the network in eval mode; scalars they return
+        are logged. The other processes wait at a barrier."""
+        due = [h for h in self.hooks if h.every and self.step % h.every == 0]
+        if not due:
+            return
+        self.net.eval()
+        if self.dist.is_main:
+            for hook in due:
+                scalars = hook(self)
+                if scalars and writer is not None:
+                    writer.add_scalars(self.step, scalars)
+        self.net.train()
+        barrier(self.dist)
 
     def checkpoint(self, writer: ScalarWriter | None = None, sync: bool = True) -> None:
         """Validation loss with the EMA weights, then last (and best, if it improved) checkpoints; on rank 0

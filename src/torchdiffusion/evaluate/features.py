@@ -1,10 +1,14 @@
-"""A small MNIST classifier trained by the project itself: the offline feature network for Frechet distance,
-KID and precision/recall, and the judge of class coverage and of class-conditional accuracy.
+"""The evaluation feature network: a small MNIST classifier trained by the project itself, whose penultimate
+features serve Frechet distance, KID and precision/recall offline, and whose predictions judge class coverage and
+class-conditional accuracy. (Not to be confused with the noise-conditional classifier of classifier guidance,
+:class:`torchdiffusion.nets.NoisyClassifier`: this network only ever sees clean images, and no model is trained
+against it, so it stays an independent judge.)
 
 Architecture (LeCun-style CNN): conv3x3(1->32) ReLU maxpool2 -> conv3x3(32->64) ReLU maxpool2 -> linear
 (64*7*7 -> 128) ReLU [features] -> dropout -> linear(128 -> 10). Trained with Adam and a cosine learning rate on
 the MNIST train split with random shifts of up to ``shift`` pixels; reaches > 99 % test accuracy in 3 epochs.
-Weights live in ``<cache>/classifiers/mnist.safetensors`` (safetensors + JSON metadata, never pickle).
+Weights live in ``<cache>/feature_nets/mnist.safetensors`` (safetensors + JSON metadata, never pickle; a file at
+the earlier location ``<cache>/classifiers/mnist.safetensors`` is still found).
 """
 from __future__ import annotations
 
@@ -16,14 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..data import cache_dir, load_mnist
 from ..utils import check_choice, hash_seed
 
-CLASSIFIER_DATASETS = ("mnist",)
-CLASSIFIER_FORMAT = "torchdiffusion-classifier"
+FEATURE_DATASETS = ("mnist",)
+FEATURE_NET_FORMAT = "torchdiffusion-feature-net"
+LEGACY_FORMATS = ("torchdiffusion-classifier",)  # files written before the rename are read as well
 
 
-class MNISTClassifier(nn.Module):
+class FeatureNet(nn.Module):
     """x in [-1, 1], (N, 1, 28, 28) -> logits (N, 10); ``features(x)`` -> (N, hidden) penultimate activations."""
 
     def __init__(self, channels: tuple = (32, 64), hidden: int = 128, num_classes: int = 10,
@@ -43,7 +51,7 @@ class MNISTClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != (1, 28, 28):
-            raise ValueError(f"MNISTClassifier expects (N, 1, 28, 28) images in [-1, 1], got {tuple(x.shape)}")
+            raise ValueError(f"FeatureNet expects (N, 1, 28, 28) images in [-1, 1], got {tuple(x.shape)}")
         h = F.max_pool2d(F.relu(self.conv1(x)), 2)           # (N, c1, 14, 14)
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)           # (N, c2, 7, 7)
         return F.relu(self.fc1(h.flatten(1)))                # (N, hidden)
@@ -52,12 +60,13 @@ class MNISTClassifier(nn.Module):
         return self.fc2(self.drop(self.features(x)))         # (N, num_classes)
 
 
-def classifier_path(dataset: str = "mnist") -> Path:
-    """``<data.cache_dir()>/classifiers/<dataset>.safetensors``."""
-    from ..data import cache_dir
-
-    check_choice("classifier dataset", dataset, CLASSIFIER_DATASETS)
-    return cache_dir() / "classifiers" / f"{dataset}.safetensors"
+def feature_net_path(dataset: str = "mnist") -> Path:
+    """``<data.cache_dir()>/feature_nets/<dataset>.safetensors`` (or the earlier ``classifiers/`` location when only
+    that file exists)."""
+    check_choice("feature-network dataset", dataset, FEATURE_DATASETS)
+    path = cache_dir() / "feature_nets" / f"{dataset}.safetensors"
+    legacy = cache_dir() / "classifiers" / f"{dataset}.safetensors"
+    return legacy if not path.exists() and legacy.exists() else path
 
 
 def random_shift(x: torch.Tensor, max_shift: int, *, generator=None) -> torch.Tensor:
@@ -73,7 +82,7 @@ def random_shift(x: torch.Tensor, max_shift: int, *, generator=None) -> torch.Te
 
 
 @torch.no_grad()
-def classifier_accuracy(model: MNISTClassifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+def feature_net_accuracy(model: FeatureNet, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     """Fraction of (x in [-1, 1], labels y) classified correctly."""
     model.eval()
     correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
@@ -81,34 +90,30 @@ def classifier_accuracy(model: MNISTClassifier, x: torch.Tensor, y: torch.Tensor
 
 
 def _mnist_float(split: str):
-    from ..data import load_mnist
-
     images, labels = load_mnist(split)
     return images.float().div_(127.5).sub_(1.0), labels        # (N, 1, 28, 28) in [-1, 1]
 
 
-def train_classifier(dataset: str = "mnist", *, epochs: int = 3, batch_size: int = 128, lr: float = 2e-3,
-                     shift: int = 2, seed: int = 0, path=None, progress: bool = True) -> Path:
-    """Train :class:`MNISTClassifier` on the train split (Adam, cosine decay, random shifts) and save it with its
-    test accuracy in the metadata, atomically, to ``path`` (default :func:`classifier_path`). Returns the path."""
-    check_choice("classifier dataset", dataset, CLASSIFIER_DATASETS)
+def train_feature_net(dataset: str = "mnist", *, epochs: int = 3, batch_size: int = 128, lr: float = 2e-3,
+                      shift: int = 2, seed: int = 0, path=None, progress: bool = True) -> Path:
+    """Train :class:`FeatureNet` on the train split (Adam, cosine decay, random shifts) and save it with its
+    test accuracy in the metadata, atomically, to ``path`` (default :func:`feature_net_path`). Returns the path."""
+    check_choice("feature-network dataset", dataset, FEATURE_DATASETS)
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    path = Path(path) if path is not None else classifier_path(dataset)
+    path = Path(path) if path is not None else cache_dir() / "feature_nets" / f"{dataset}.safetensors"
     x, y = _mnist_float("train")
     xt, yt = _mnist_float("test")
     torch.manual_seed(hash_seed(seed, 1))  # dropout masks and initialisation
     g = torch.Generator().manual_seed(hash_seed(seed, 2))
-    model = MNISTClassifier()
+    model = FeatureNet()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = len(y) // batch_size
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=f"train-classifier ({dataset})", unit="step")
+        bar = tqdm(total=total, desc=f"train-feature-net ({dataset})", unit="step")
     t0 = time.time()
     for epoch in range(epochs):
         model.train()
@@ -126,28 +131,28 @@ def train_classifier(dataset: str = "mnist", *, epochs: int = 3, batch_size: int
                     bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
     if bar is not None:
         bar.close()
-    acc = classifier_accuracy(model, xt, yt)
-    meta = {"kind": CLASSIFIER_FORMAT, "dataset": dataset, "arch": model.config, "test_accuracy": acc,
+    acc = feature_net_accuracy(model, xt, yt)
+    meta = {"kind": FEATURE_NET_FORMAT, "dataset": dataset, "arch": model.config, "test_accuracy": acc,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "shift": shift, "seed": seed,
             "train_seconds": round(time.time() - t0, 1)}
     return save_checkpoint(path, meta=meta, model=model.state_dict())
 
 
-def classifier_metadata(dataset: str = "mnist", path=None) -> dict:
-    """The JSON metadata saved with the classifier (test accuracy, training settings)."""
+def feature_net_metadata(dataset: str = "mnist", path=None) -> dict:
+    """The JSON metadata saved with the feature network (test accuracy, training settings)."""
     return _load(dataset, path)[1]
 
 
 def _load(dataset: str, path):
-    path = Path(path) if path is not None else classifier_path(dataset)
+    path = Path(path) if path is not None else feature_net_path(dataset)
     if not path.exists():
-        raise FileNotFoundError(f"no {dataset} classifier at {path}; run `torchdiffusion train-classifier` "
+        raise FileNotFoundError(f"no {dataset} feature network at {path}; run `torchdiffusion train-feature-net` "
                                 f"(a few minutes on a CPU)")
     meta, groups = load_checkpoint(path)
-    if meta.get("kind") != CLASSIFIER_FORMAT:
-        raise CheckpointError(f"{path} is not a torchdiffusion classifier")
+    if meta.get("kind") not in (FEATURE_NET_FORMAT, *LEGACY_FORMATS):
+        raise CheckpointError(f"{path} is not a torchdiffusion feature network")
     arch = meta["arch"]
-    model = MNISTClassifier(tuple(arch["channels"]), arch["hidden"], arch["num_classes"], arch["dropout"])
+    model = FeatureNet(tuple(arch["channels"]), arch["hidden"], arch["num_classes"], arch["dropout"])
     model.load_state_dict(groups["model"])
     return model.eval(), meta
 
@@ -155,10 +160,10 @@ def _load(dataset: str, path):
 _CACHE: dict = {}
 
 
-def load_classifier(dataset: str = "mnist", path=None) -> MNISTClassifier:
-    """The trained classifier in eval mode (cached in memory per file and modification time)."""
-    check_choice("classifier dataset", dataset, CLASSIFIER_DATASETS)
-    p = Path(path) if path is not None else classifier_path(dataset)
+def load_feature_net(dataset: str = "mnist", path=None) -> FeatureNet:
+    """The trained feature network in eval mode (cached in memory per file and modification time)."""
+    check_choice("feature-network dataset", dataset, FEATURE_DATASETS)
+    p = Path(path) if path is not None else feature_net_path(dataset)
     key = (str(p), p.stat().st_mtime_ns if p.exists() else None)
     if key not in _CACHE:
         model, _ = _load(dataset, p)

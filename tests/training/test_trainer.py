@@ -7,8 +7,9 @@ import torch
 from torchdiffusion.checkpoint import CheckpointError, load_checkpoint
 from torchdiffusion.config import load_config
 from torchdiffusion.data import make_toy
-from torchdiffusion.pipeline import generate, load_denoiser
-from torchdiffusion.train import Trainer, lr_at
+from torchdiffusion.build import load_denoiser
+from torchdiffusion.sampling import generate
+from torchdiffusion.training import Trainer, lr_at
 
 
 def sliced_w2(a, b, k=256, seed=0):
@@ -68,7 +69,7 @@ def test_resume_refuses_a_different_run(tmp_path):
 def test_save_load_gives_identical_outputs(tmp_path):
     tr = Trainer(toy_cfg(tmp_path, "train.steps=20"), progress=False)
     tr.fit()
-    for use_ema, ref in ((True, tr.ema_denoiser), (False, tr.denoiser)):
+    for use_ema, ref in ((True, tr.ema_denoiser), (False, tr.module)):
         den, cfg, meta = load_denoiser(tmp_path / "toy2d" / "checkpoints" / "last.safetensors", use_ema=use_ema)
         x, s = torch.randn(32, 2), torch.rand(32) * 5
         with torch.no_grad():
@@ -177,7 +178,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
 
 def test_config_differences_treats_missing_keys_as_defaults():
     from torchdiffusion.config import RunConfig, to_dict
-    from torchdiffusion.train import config_differences
+    from torchdiffusion.training import config_differences
 
     new = to_dict(RunConfig())
     old = to_dict(RunConfig())

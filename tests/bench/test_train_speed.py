@@ -4,23 +4,25 @@ import json
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchdiffusion.train_speed import bench_config, main, step_flops
+from torchdiffusion.build import build_module
+from torchdiffusion.nets import unet
+from torchdiffusion.training import trainer
 
 
-def test_step_flops_are_forward_plus_twice_forward(tmp_path):
+def test_step_flops_are_forward_plus_twice_forward(tmp_path, bench):
     """Backward of a conv / linear layer costs two forwards (input and weight gradients), except the first
     conv, whose input needs no gradient: forward + backward lies in (2.5, 3] x forward for a U-Net."""
-    cfg = bench_config("tiny")
-    from torchdiffusion.pipeline import build_denoiser
-
-    den = build_denoiser(cfg)
+    speed = bench("train_speed")
+    cfg = speed.bench_config("tiny")
+    den = build_module(cfg)
     with FlopCounterMode(display=False) as c, torch.no_grad():
         den(torch.randn(2, 1, 28, 28), torch.tensor([1.0, 5.0]))
-    ratio = step_flops(cfg, str(tmp_path)) / (c.get_total_flops() / 2)
+    ratio = speed.step_flops(cfg, str(tmp_path)) / (c.get_total_flops() / 2)
     assert 2.5 < ratio <= 3.0, ratio
 
 
-def test_benchmark_report(tmp_path, capsys):
+def test_benchmark_report(tmp_path, capsys, bench):
+    main = bench("train_speed").main
     out = tmp_path / "speed.json"
     assert main(["--configs", "tiny", "--dtypes", "fp32", "--layouts", "contiguous", "--steps", "1", "--warmup", "0", "--rounds", "2",
                  "--matmul-n", "128", "--json", str(out)]) == 0
@@ -31,16 +33,16 @@ def test_benchmark_report(tmp_path, capsys):
     assert "GFLOP/img" in capsys.readouterr().out
 
 
-def test_stock_kernels_compute_the_same_step_and_are_restored(tmp_path):
+def test_stock_kernels_compute_the_same_step_and_are_restored(tmp_path, bench):
     """The 'before' rows swap in PyTorch's stock GroupNorm, attention and per-parameter AdamW: same math, so
     the same gradients (bf16 channels-last, where our fast paths differ most), and everything restored after."""
     from dataclasses import replace
 
-    from torchdiffusion.nets import unet
-    from torchdiffusion.train_speed import make_trainer, stock_kernels
-    from torchdiffusion import train
+    speed = bench("train_speed")
+    make_trainer, stock_kernels = speed.make_trainer, speed.stock_kernels
+    train = trainer
 
-    cfg = bench_config("tiny")
+    cfg = speed.bench_config("tiny")
     cfg = replace(cfg, train=replace(cfg.train, precision="bf16", channels_last=True, batch_size=4))
     before = unet.GroupNorm.forward, unet.attention, train._adamw
     grads = []
@@ -58,11 +60,12 @@ def test_stock_kernels_compute_the_same_step_and_are_restored(tmp_path):
     assert rel < 0.05, rel
 
 
-def test_class_conditional_presets_get_labels(tmp_path):
+def test_class_conditional_presets_get_labels(tmp_path, bench):
     """The benchmark's random data carries labels when the model is class-conditional (the demo and mnist-10min
     presets are), and the class embedding adds no model FLOPs worth counting."""
     from dataclasses import replace
 
+    bench_config, step_flops = bench("train_speed").bench_config, bench("train_speed").step_flops
     for name in ("demo", "mnist-10min"):
         cfg = bench_config(name)
         assert cfg.model.unet.num_classes == 10

@@ -1,28 +1,53 @@
-"""Command line: ``torchdiffusion {train,sample,demo,config,prepare-data,bench,train-classifier,evaluate,inpaint,img2img,invert,interpolate}``.
+"""Command line: ``torchdiffusion {train,sample,demo,config,prepare-data,train-feature-net,evaluate,inpaint,img2img,
+invert,interpolate,bench}``.
 
 Run options come from the configuration dataclasses (``torchdiffusion.config``): give a preset or a YAML
 file with ``--config`` and change any field with ``key=value`` (e.g. ``train.steps=500 model.unet.channels=64``).
+Sampling options are the fields of :class:`~torchdiffusion.sampling.SampleConfig`, one flag each.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
 
-from .config import ConfigError, SampleConfig, load_config, presets, to_dict
+from .. import viz
+from ..build import load_denoiser, load_noisy_classifier, net_input_shape
+from ..checkpoint import CheckpointError
+from ..config import ConfigError, load_config, presets, to_dict
+from ..data import prepare_mnist
+from ..edit import (DEFAULT_STEP_SAMPLER, STEP_SAMPLERS, ddim_invert, inpaint, interpolate, sample_cascade, sdedit,
+                    sdedit_sigmas)
+from ..evaluate import evaluate_samples, feature_net_metadata, feature_net_path, train_feature_net
+from ..evaluate.report import evaluate_checkpoint, format_table
+from ..sampling import SampleConfig, generate, plan_sampling, sample_ddim
+from ..training import dist_info, train
+from ..utils import check_choice, sample_generators
+from .demo import run_demo
+from .hooks import standard_hooks
+from .inputs import load_images, load_samples, make_mask
+
+NONE_ARG = "none"  # `--class-label none`: unconditional, whatever the run's sample.class_label says
+BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"  # the benchmarks of a source checkout
+BENCHMARKS = {"samplers": "samplers.py", "train-speed": "train_speed.py", "guidance": "guidance.py",
+              "structure": "structure.py"}
+EDIT_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "sampler_options", "seed", "use_ema", "clip_x0", "class_label")
+EVAL_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "final", "sampler_options", "seed", "batch_size", "use_ema",
+                      "clip_x0", "class_label", "guidance", "guidance_scale", "classifier")
+RENAMED = {"train-classifier": "train-feature-net"}  # old command name -> new one (the old one still works)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--config", default=default,
                    help=f"a preset ({', '.join(presets())}) or a YAML file" + (f" (default: {default})" if default else ""))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="change any config field, e.g. train.steps=500")
-
-
-NONE_ARG = "none"  # `--class-label none`: unconditional, whatever the run's sample.class_label says
 
 
 def _int_or_none(v: str):
@@ -34,19 +59,32 @@ def _int_or_none(v: str):
         raise argparse.ArgumentTypeError(f"expected an integer or '{NONE_ARG}', got {v!r}") from None
 
 
+def _option(v: str):
+    """KEY=VALUE (VALUE read as YAML: 0.5, true, heun) for --sampler-option."""
+    if "=" not in v or not v.split("=", 1)[0].strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. eta=0.5, got {v!r}")
+    k, val = v.split("=", 1)
+    return k.strip(), yaml.safe_load(val)
+
+
 def _add_sample_args(p: argparse.ArgumentParser, only: tuple | None = None) -> None:
     """One flag per SampleConfig field (or per field in `only`), so the sampling options live in one place."""
     for f in dataclasses.fields(SampleConfig):
         if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if f.type in (bool, "bool"):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default: from the run, else {f.default})")
+                           help=f"(default: from the run, else {default})")
+        elif str(f.type) == "dict":
+            p.add_argument("--sampler-option", dest=f.name, type=_option, action="append", default=None,
+                           metavar="KEY=VALUE", help="an option of the sampler, e.g. eta=0.5 (repeatable; default: "
+                           "the run's sample.sampler_options)")
         else:
             typ = {"int": int, "float": float, "str": str, "int | None": _int_or_none}.get(str(f.type), str)
             p.add_argument(flag, dest=f.name, type=typ, default=None,
-                           help=f"(default: from the run, else {f.default if f.default != '' else repr('')})"
+                           help=f"(default: from the run, else {default if default != '' else repr('')})"
                            + (f"; '{NONE_ARG}': unconditional" if typ is _int_or_none else ""))
     if only is None or "class_label" in only:
         p.add_argument("--class", dest="class_label", type=_int_or_none, default=None, help="same as --class-label")
@@ -55,24 +93,44 @@ def _add_sample_args(p: argparse.ArgumentParser, only: tuple | None = None) -> N
 def _sample_overrides(args) -> dict:
     """The SampleConfig fields given on the command line (None: not given; 'none': the value None)."""
     names = {f.name for f in dataclasses.fields(SampleConfig)}
-    return {k: (None if v == NONE_ARG else v) for k, v in vars(args).items() if k in names and v is not None}
+    out = {k: (None if v == NONE_ARG else v) for k, v in vars(args).items() if k in names and v is not None}
+    if "sampler_options" in out:
+        out["sampler_options"] = dict(out["sampler_options"])
+    return out
 
 
+def _spec(run_sample: SampleConfig, args, **fixed) -> SampleConfig:
+    """The run's sample configuration with the command line's flags (and `fixed` fields) applied. A sampler given
+    on the command line drops the run's sampler options, which belong to the run's sampler."""
+    over = {**_sample_overrides(args), **fixed}
+    if "sampler" in over and over["sampler"] != run_sample.sampler and "sampler_options" not in over:
+        over["sampler_options"] = {}
+    spec = dataclasses.replace(run_sample, **over)
+    if spec.guidance == "none" and spec.guidance_scale != 1.0:
+        raise ConfigError(f"--guidance-scale {spec.guidance_scale:g} needs a guidance method: add --guidance cfg "
+                          "(classifier-free) or --guidance classifier --classifier CKPT")
+    return spec
+
+
+def _classifier(spec: SampleConfig):
+    """The noise-conditional classifier that guidance 'classifier' needs, loaded from spec.classifier."""
+    if spec.guidance != "classifier":
+        return None
+    if not spec.classifier:
+        raise ConfigError("guidance 'classifier' needs a noise-conditional classifier: --classifier CKPT")
+    return load_noisy_classifier(spec.classifier)[0]
+
+
+# ------------------------------------------------------------------------------------------------ training
 def cmd_train(args) -> int:
-    from .train import train
-
     cfg = load_config(args.config, args.overrides)
-    from .distributed import dist_info
-
-    result = train(cfg, resume=not args.no_resume, log_lines=True)
+    result = train(cfg, resume=not args.no_resume, log_lines=True, hooks=standard_hooks(cfg))
     if dist_info().is_main:  # under torchrun, one report
         print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
     cfg = load_config(args.config, args.overrides)
     print(f"demo: training {cfg.train.steps} steps of batch {cfg.train.batch_size} on {cfg.data.dataset}; "
           f"outputs in {cfg.run_dir}", file=sys.stderr)
@@ -83,52 +141,33 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ sampling
 def cmd_sample(args) -> int:
-    from .demo import save_samples
-    from .pipeline import generate, load_denoiser, sample_kwargs
-
     denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=args.use_ema is not False)
-    s = dataclasses.replace(cfg.sample, **_sample_overrides(args))
+    s = _spec(cfg.sample, args)
     shape = tuple(meta["data_shape"])
     out = Path(args.out) if args.out else cfg.run_dir / "samples"
     stem = f"{s.sampler}_{s.steps}steps_seed{s.seed}"
     if s.sr_checkpoint:
         return _sample_cascade(denoiser, shape, s, out, stem, meta)
-    x = generate(denoiser, shape, n=s.n, progress=sys.stderr.isatty(), **sample_kwargs(s, shape))
+    x = generate(denoiser, shape, s, classifier=_classifier(s), progress=sys.stderr.isatty())
     if s.class_label is not None:
         stem += f"_class{s.class_label}"
-    guidance = sample_kwargs(s, shape)["guidance"]
-    if guidance != "none":
-        stem += f"_{guidance}{s.guidance_scale:g}"
-    if len(shape) == 3:
-        files = save_samples(x, out, stem)
-    else:
-        import numpy as np
-
-        from . import viz
-
-        out.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out / f"{stem}.npz", samples=x.numpy())
-        files = {"npz": str(out / f"{stem}.npz"), "plot": str(viz.scatter_2d(x, out / f"{stem}.png"))}
+    if s.guidance != "none":
+        stem += f"_{s.guidance}{s.guidance_scale:g}"
+    files = viz.save_samples(x, out, stem)
     print(json.dumps({"n": s.n, "sampler": s.sampler, "steps": s.steps, "spacing": s.spacing,
                       "checkpoint_step": meta.get("step"), **files}, indent=2))
     return 0
 
 
-def _sample_cascade(base, base_shape, s, out: Path, stem: str, meta: dict) -> int:
+def _sample_cascade(base, base_shape, s: SampleConfig, out: Path, stem: str, meta: dict) -> int:
     """`sample BASE --sr-checkpoint SR`: the two-stage cascade (torchdiffusion.edit.sample_cascade)."""
-    from . import viz
-    from .demo import save_samples
-    from .edit import sample_cascade
-    from .pipeline import load_denoiser, net_input_shape, sample_kwargs
-
     sr, sr_cfg, _ = load_denoiser(s.sr_checkpoint, use_ema=s.use_ema)
-    sr_shape = net_input_shape(sr_cfg)
-    low, high = sample_cascade(base, sr, base_shape, sr_shape, n=s.n, aug_sigma=s.sr_aug_sigma,
-                               low_res=sr_cfg.diffusion.objective.low_res or None,
-                               progress=sys.stderr.isatty(), **sample_kwargs(s, sr_shape))
+    low, high = sample_cascade(base, sr, base_shape, net_input_shape(sr_cfg), s,
+                               low_res=sr_cfg.diffusion.objective.low_res or None, progress=sys.stderr.isatty())
     stem += f"_sr_aug{s.sr_aug_sigma:g}"
-    files = {"base": save_samples(low, out, stem + "_base"), "cascade": save_samples(high, out, stem)}
+    files = {"base": viz.save_samples(low, out, stem + "_base"), "cascade": viz.save_samples(high, out, stem)}
     k = min(8, s.n)
     files["pairs"] = str(viz.image_table([list(low[:k]), list(high[:k])], out / f"{stem}_pairs.png",
                                          row_titles=[f"base {low.shape[-1]}x{low.shape[-2]}",
@@ -138,44 +177,31 @@ def _sample_cascade(base, base_shape, s, out: Path, stem: str, meta: dict) -> in
     return 0
 
 
-EDIT_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "seed", "use_ema", "clip_x0", "class_label")
-
-
-def _edit_setup(args):
-    """(denoiser, images, sigmas, generators, sample config, out folder) for the editing commands."""
-    from .edit import load_images
-    from .pipeline import load_denoiser
-    from .precond import ClampX0, Conditioned
-    from .sampling import get_sigmas
-    from .utils import sample_generators
-
+# ------------------------------------------------------------------------------------------------- editing
+def _edit_setup(args, *, step_sampler: bool = False):
+    """(denoiser with the images' classes bound, images, sigmas, generators, sample config, out folder) for the
+    editing commands. The class comes from --class-label alone (default: the null class), not from the run's
+    sample.class_label, which is about drawing new samples: an edited image has its own class. With
+    `step_sampler`, a run sampler that is multistep is replaced by DEFAULT_STEP_SAMPLER (with a notice), unless
+    --sampler asked for it."""
     denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=args.use_ema is not False)
-    # the class comes from --class-label alone (default: the null class), not from the run's sample.class_label,
-    # which is about drawing new samples: an edited image has its own class
-    s = dataclasses.replace(cfg.sample, **{"class_label": None, **{k: v for k, v in _sample_overrides(args).items()
-                                                                   if k in EDIT_SAMPLE_FIELDS}})
+    s = _spec(dataclasses.replace(cfg.sample, class_label=None), args)
+    if step_sampler and s.sampler not in STEP_SAMPLERS and args.sampler is None:
+        print(f"{args.command}: the run samples with {s.sampler!r}, which is multistep; using {DEFAULT_STEP_SAMPLER!r}"
+              f" (--sampler chooses one of {', '.join(STEP_SAMPLERS)})", file=sys.stderr)
+        s = dataclasses.replace(s, sampler=DEFAULT_STEP_SAMPLER, sampler_options={}, final="")
     shape = tuple(meta["data_shape"])
     if len(shape) != 3:
         raise ValueError(f"editing needs an image model; this checkpoint holds data of shape {shape}")
     images = load_images(args.images, shape)  # (N, C, H, W)
-    if s.clip_x0:
-        denoiser = ClampX0(denoiser)
-    if s.class_label is not None:
-        from .guidance import class_labels_for, net_num_classes
-
-        denoiser = Conditioned(denoiser, class_labels=class_labels_for(len(images), s.class_label,
-                                                                       net_num_classes(denoiser)))
-    sigmas = get_sigmas(denoiser.schedule, s.steps, s.spacing)
+    plan = plan_sampling(denoiser, shape, dataclasses.replace(s, guidance="none", guidance_scale=1.0),
+                         n=len(images))
     out = Path(args.out) if args.out else cfg.run_dir / "edits"
-    return denoiser, images, sigmas, sample_generators(s.seed, len(images)), s, out
+    return plan.bind(), images, plan.sigmas, sample_generators(s.seed, len(images)), s, out, plan.options
 
 
 def _edit_outputs(out: Path, name: str, rows: list, titles: list, result, **info) -> int:
     """A picture (one row per kind: input, ..., result; one column per image), the result as uint8 .npz, JSON."""
-    import numpy as np
-
-    from . import viz
-
     out.mkdir(parents=True, exist_ok=True)
     png = viz.image_table([list(r) for r in rows], out / f"{name}.png", row_titles=titles)
     np.savez_compressed(out / f"{name}.npz", images=viz.to_uint8(result))
@@ -184,37 +210,27 @@ def _edit_outputs(out: Path, name: str, rows: list, titles: list, result, **info
 
 
 def cmd_inpaint(args) -> int:
-    from .edit import inpaint, make_mask
-
-    denoiser, images, sigmas, gens, s, out = _edit_setup(args)
+    denoiser, images, sigmas, gens, s, out, opts = _edit_setup(args, step_sampler=True)
     mask = make_mask(args.mask, tuple(images.shape[1:]))
     x = inpaint(denoiser, images, mask, sigmas, sampler=s.sampler, resample=args.resample,
-                jump_length=args.jump_length, generator=gens)
+                jump_length=args.jump_length, generator=gens, **opts)
     return _edit_outputs(out, "inpaint", [images, images * mask, x], ["original", "known", "inpainted"], x,
                          sampler=s.sampler, steps=s.steps, resample=args.resample, jump_length=args.jump_length)
 
 
 def cmd_img2img(args) -> int:
-    import torch
-
-    from .edit import sdedit, sdedit_sigmas
-
-    denoiser, images, sigmas, gens, s, out = _edit_setup(args)
+    denoiser, images, sigmas, gens, s, out, opts = _edit_setup(args)
     for st in args.strength:
         sdedit_sigmas(sigmas, st)  # check every strength before any work
-    results = [sdedit(denoiser, images, sigmas, st, sampler=s.sampler, generator=gens) for st in args.strength]
+    results = [sdedit(denoiser, images, sigmas, st, sampler=s.sampler, generator=gens, **opts)
+               for st in args.strength]
     return _edit_outputs(out, "img2img", [images, *results], ["input"] + [f"strength {st:g}" for st in args.strength],
                          torch.stack(results, 1).flatten(0, 1), sampler=s.sampler, steps=s.steps,
                          strength=args.strength)
 
 
 def cmd_invert(args) -> int:
-    import numpy as np
-
-    from .edit import ddim_invert
-    from .sampling import sample_ddim
-
-    denoiser, images, sigmas, _, s, out = _edit_setup(args)
+    denoiser, images, sigmas, _, s, out, _ = _edit_setup(args)
     z = ddim_invert(denoiser, images, sigmas, iters=args.iters)
     rec = sample_ddim(denoiser, z, sigmas)
     rmse = float((rec - images).pow(2).mean().sqrt())
@@ -225,15 +241,14 @@ def cmd_invert(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from .edit import interpolate
-
-    denoiser, images, sigmas, _, s, out = _edit_setup(args)
+    denoiser, images, sigmas, _, s, out, _ = _edit_setup(args)
     if len(images) != 2:
         raise ValueError(f"interpolate needs exactly 2 images, got {len(images)} from {args.images!r}")
     x = interpolate(denoiser, images[0], images[1], sigmas, frames=args.frames, iters=args.iters)
     return _edit_outputs(out, "interpolation", [x], ["slerp"], x, steps=s.steps, frames=args.frames)
 
 
+# ---------------------------------------------------------------------------------------- everything else
 def cmd_config(args) -> int:
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -241,30 +256,22 @@ def cmd_config(args) -> int:
 
 
 def cmd_prepare_data(args) -> int:
-    from .data import prepare_mnist
-
-    path = prepare_mnist(force=args.force)
-    print(path)
+    print(prepare_mnist(force=args.force))
     return 0
 
 
-def cmd_train_classifier(args) -> int:
-    from .evaluate.classifier import classifier_metadata, classifier_path, train_classifier
-
-    path = classifier_path("mnist")
+def cmd_train_feature_net(args) -> int:
+    path = feature_net_path("mnist")
     if path.exists() and not args.force:
-        print(f"classifier exists: {path} (test accuracy {classifier_metadata()['test_accuracy']:.4f}); "
+        print(f"feature network exists: {path} (test accuracy {feature_net_metadata()['test_accuracy']:.4f}); "
               f"--force retrains it")
         return 0
-    path = train_classifier("mnist", epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty())
-    print(f"test accuracy {classifier_metadata(path=path)['test_accuracy']:.4f}; saved to {path}")
+    path = train_feature_net("mnist", epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"test accuracy {feature_net_metadata(path=path)['test_accuracy']:.4f}; saved to {path}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_samples
-    from .evaluate.report import evaluate_checkpoint, format_table, load_samples
-
     which = tuple(w for w in (args.likelihood or "").split(",") if w)
     target = Path(args.target)
     if target.suffix == ".safetensors" or (target.is_dir() and (target / "last.safetensors").exists()):
@@ -286,21 +293,21 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.which == "samplers":
-        from .sampling.benchmark import main as bench_main
+    """`torchdiffusion bench NAME ARGS`: runs `python bench/<name>.py ARGS` of a source checkout."""
+    check_choice("benchmark", args.which, BENCHMARKS)
+    script = BENCH_DIR / BENCHMARKS[args.which]
+    if not script.is_file():
+        raise FileNotFoundError(f"the benchmarks live in the source checkout's bench/ folder, not in the installed "
+                                f"package; run `python bench/{BENCHMARKS[args.which]}` from a clone")
+    print(f"torchdiffusion bench: running python {script}", file=sys.stderr)
+    spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.rest) or 0
 
-        return bench_main(args.rest) or 0
-    if args.which == "train-speed":
-        from .train_speed import main as speed_main
 
-        return speed_main(args.rest) or 0
-    raise ConfigError(f"unknown benchmark {args.which!r}; allowed values: 'samplers', 'train-speed'")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torchdiffusion", description="Diffusion models in PyTorch.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_run_commands(sub) -> None:
+    """train, demo, sample, config, prepare-data."""
     t = sub.add_parser("train", help="train a model (continues the run in out_dir/name if one exists)")
     _add_config_args(t, None)
     t.add_argument("--no-resume", action="store_true", help="start over (an earlier run in the same folder is moved aside, not deleted)")
@@ -325,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--force", action="store_true", help="rebuild the cached file")
     pd.set_defaults(func=cmd_prepare_data)
 
+
+def _add_edit_commands(sub) -> None:
+    """inpaint, img2img, invert, interpolate: one checkpoint, some images, the edit's own options."""
     def edit_parser(name: str, help: str):
         e = sub.add_parser(name, help=help)
         e.add_argument("checkpoint", help="a .safetensors checkpoint of an image model")
@@ -349,11 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--frames", type=int, default=8, help="images in the strip, both ends included (default: 8)")
     e.add_argument("--iters", type=int, default=0, help="fixed-point refinements per inversion step (default: 0)")
 
-    tc = sub.add_parser("train-classifier", help="train the MNIST classifier used by `evaluate` (into the cache)")
-    tc.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
-    tc.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and shifts")
-    tc.add_argument("--force", action="store_true", help="retrain even if the cached classifier exists")
-    tc.set_defaults(func=cmd_train_classifier)
+
+def _add_eval_commands(sub) -> None:
+    """train-feature-net (and its old name), evaluate, bench."""
+    for name in ("train-feature-net", *RENAMED):
+        tc = sub.add_parser(name, help="train the MNIST feature network `evaluate` uses (into the cache)"
+                            if name not in RENAMED else f"old name of {RENAMED[name]}")
+        tc.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+        tc.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and shifts")
+        tc.add_argument("--force", action="store_true", help="retrain even if the cached feature network exists")
+        tc.set_defaults(func=cmd_train_feature_net)
 
     ev = sub.add_parser("evaluate", help="FD, KID, precision/recall, class coverage (and bits/dim) of a checkpoint "
                         "or of samples (.npz or folder of PNGs); see docs/evaluation.md")
@@ -363,21 +378,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--likelihood-n", type=int, default=256, help="MNIST test images for bits/dim (default: 256)")
     ev.add_argument("--rtol", type=float, default=1e-3, help="ODE solver tolerance (rtol = atol; default: 1e-3)")
     ev.add_argument("--out", default=None, help="write the results as JSON here")
-    _add_sample_args(ev, ("sampler", "steps", "spacing", "final", "seed", "batch_size", "use_ema", "clip_x0",
-                          "class_label", "guidance", "guidance_scale"))
+    _add_sample_args(ev, EVAL_SAMPLE_FIELDS)
     ev.set_defaults(func=cmd_evaluate)
 
-    b = sub.add_parser("bench", help="benchmarks (samplers: exact Gaussian-mixture sampler benchmark; "
-                                     "train-speed: training images/s and FLOP/s against the matmul peak)")
-    b.add_argument("which", help="samplers or train-speed")
+    b = sub.add_parser("bench", help="run a benchmark of a source checkout: "
+                                     f"{', '.join(BENCHMARKS)} (python bench/<name>.py; see docs/benchmarks.md)")
+    b.add_argument("which", help=" or ".join(BENCHMARKS))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help of each)")
     b.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchdiffusion", description="Diffusion models in PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_edit_commands(sub)
+    _add_eval_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after options too
@@ -385,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in RENAMED:
+        print(f"note: `torchdiffusion {args.command}` is now `torchdiffusion {RENAMED[args.command]}`", file=sys.stderr)
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:

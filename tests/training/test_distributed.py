@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from torchdiffusion.checkpoint import load_checkpoint
 from torchdiffusion.config import load_config
 from torchdiffusion.data import TensorImageDataset
-from torchdiffusion.distributed import DistInfo, per_rank_batch
-from torchdiffusion.train import Trainer
+from torchdiffusion.training.distributed import DistInfo, per_rank_batch
+from torchdiffusion.training import Trainer
 
 TOL = 1e-5  # float32 all-reduce sums the two halves of the batch gradient in another order than one process
 
@@ -81,7 +81,7 @@ def test_per_rank_batch_checks_divisibility():
 
 
 def test_single_process_without_torchrun_env(monkeypatch):
-    from torchdiffusion.distributed import init_distributed
+    from torchdiffusion.training.distributed import init_distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     info = init_distributed()
