@@ -24,6 +24,25 @@ def mnist_path():
     return prepare_mnist()
 
 
+@pytest.fixture(scope="session")
+def feature_net(mnist_path):
+    """The MNIST evaluation feature network in the user cache: the file `torchdiffusion train-feature-net` writes,
+    trained here once when missing (3 epochs, about a minute and a half on 2 cores)."""
+    import os
+
+    from torchdiffusion.evaluate.features import feature_net_path, train_feature_net
+
+    path = feature_net_path("mnist")
+    if not path.exists():
+        n = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            train_feature_net("mnist", progress=False)
+        finally:
+            torch.set_num_threads(n)
+    return path
+
+
 @pytest.fixture
 def tmp_cache(tmp_path, monkeypatch):
     """An empty cache directory used by cache_dir() for the duration of one test."""

@@ -8,16 +8,10 @@ import torch
 from torchdiffusion.app.cli import main
 from torchdiffusion.app.hooks import standard_hooks
 from torchdiffusion.config import load_config
-from torchdiffusion.evaluate.features import feature_net_path
 from torchdiffusion.training.tracking import read_metrics
 from torchdiffusion.training import Trainer
 
-needs_classifier = pytest.mark.skipif(not feature_net_path("mnist").exists(),
-                                      reason="no trained classifier in the cache (torchdiffusion train-classifier)")
-
-
-@needs_classifier
-def test_evaluate_npz_of_uint8_and_float_samples(tmp_path, capsys):
+def test_evaluate_npz_of_uint8_and_float_samples(feature_net, tmp_path, capsys):
     from torchdiffusion.evaluate import real_images
 
     x, _ = real_images("mnist", "test", 64, seed=0, offset=2000)
@@ -48,8 +42,7 @@ def test_train_classifier_reports_existing(tmp_cache, capsys):
     assert "0.2500" in capsys.readouterr().out
 
 
-@needs_classifier
-def test_periodic_evaluation_is_logged_beside_the_loss(tmp_path):
+def test_periodic_evaluation_is_logged_beside_the_loss(feature_net, tmp_path):
     cfg = load_config("tiny", [f"out_dir={tmp_path}", "train.steps=4", "train.ckpt_every=0", "train.log_every=2",
                                "train.eval_every=3", "train.eval_samples=32", "sample.steps=2"])
     Trainer(cfg, progress=False, hooks=standard_hooks(cfg)).fit()

@@ -41,10 +41,8 @@ def test_classifier_file_round_trip(tmp_cache):
     assert clf.feature_net_metadata()["test_accuracy"] == 0.5
 
 
-def test_trained_classifier_accuracy_if_present():
-    """The cached classifier (``torchdiffusion train-classifier``) reads > 98.5 % of 2000 test digits correctly."""
-    if not clf.feature_net_path("mnist").exists():
-        pytest.skip("no trained classifier in the cache")
+def test_trained_feature_net_accuracy(feature_net):
+    """The feature network (``torchdiffusion train-feature-net``) reads > 98.5 % of 2000 test digits correctly."""
     from torchdiffusion.evaluate import real_images
 
     x, y = real_images("mnist", "test", 2000, seed=3)
@@ -82,11 +80,9 @@ def test_inception_weights_missing_or_wrong(tmp_cache):
     assert inc.INCEPTION_SHA256.startswith(inc.INCEPTION_WEIGHTS_FILE.split("-")[-1].split(".")[0])
 
 
-def test_evaluate_samples_on_real_digits():
+def test_evaluate_samples_on_real_digits(feature_net):
     """Real test digits disjoint from both reference sets as 'samples': FD near the real-vs-real floor, every class
     covered, labels read correctly; uniform noise is far away."""
-    if not clf.feature_net_path("mnist").exists():
-        pytest.skip("no trained classifier in the cache")
     from torchdiffusion.evaluate import evaluate_samples, real_images
 
     x, y = real_images("mnist", "test", 300, seed=0, offset=600)      # R1, R2 are images 0..599
