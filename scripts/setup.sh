@@ -16,3 +16,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# The run-report test looks at the page in a headless browser; install Debian's chromium where we can (root with
+# apt). Without it that one test is skipped, with the reason.
+if [ "${TORCHDIFFUSION_NO_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing chromium for the browser test (once; TORCHDIFFUSION_NO_BROWSER=1 skips this)" >&2
+  (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+     apt-get install -y -q chromium >/dev/null 2>&1; }) || echo "setup: could not install chromium; the browser test will be skipped" >&2
+fi

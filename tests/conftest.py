@@ -1,18 +1,26 @@
 """Shared fixtures."""
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 
+THREADS_ENV = "TORCHDIFFUSION_TEST_THREADS"  # torch intra-op threads of the test session (default 1)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def one_thread():
+def torch_threads():
     """The tests run many small ops: one intra-op thread is as fast and does not stall when other jobs share
-    the cores (restored after the session)."""
+    the cores. TORCHDIFFUSION_TEST_THREADS=2 (or more) runs the suite with that many threads instead, to check
+    that no result depends on the thread count (restored after the session)."""
+    value = os.environ.get(THREADS_ENV, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    torch.set_num_threads(int(value))
+    yield int(value)
     torch.set_num_threads(n)
 
 
@@ -38,6 +46,32 @@ def feature_net(mnist_path):
         torch.set_num_threads(os.cpu_count() or 1)
         try:
             train_feature_net("mnist", progress=False)
+        finally:
+            torch.set_num_threads(n)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_path():
+    """Fashion-MNIST prepared once in the user cache (`torchdiffusion prepare-data --dataset fashion-mnist`: from
+    the installed Debian package, the download mirrors, or `apt-get download dataset-fashion-mnist`, ~5 s)."""
+    from torchdiffusion.data import prepare_fashion_mnist
+
+    return prepare_fashion_mnist()
+
+
+@pytest.fixture(scope="session")
+def fashion_feature_net(fashion_mnist_path):
+    """The Fashion-MNIST evaluation feature network in the user cache (`torchdiffusion train-feature-net --dataset
+    fashion-mnist`), trained here once when missing (6 epochs, about three minutes on 2 cores)."""
+    from torchdiffusion.evaluate.features import feature_net_path, train_feature_net
+
+    path = feature_net_path("fashion-mnist")
+    if not path.exists():
+        n = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            train_feature_net("fashion-mnist", progress=False)
         finally:
             torch.set_num_threads(n)
     return path

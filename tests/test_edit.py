@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from torchdiffusion import edit
-from torchdiffusion.data.toy import GaussianMixture, random_mixture
+from torchdiffusion.data.toy import GaussianMixture, gaussian, random_mixture
 from torchdiffusion.nets import UNet
 from torchdiffusion.objectives import DiffusionObjective, ObjectiveConfig
 from torchdiffusion.precond import Precond
 from torchdiffusion.sampling import SampleConfig, get_sigmas, sample_ddim
 from torchdiffusion.schedules import get_schedule
+from torchdiffusion.utils import slerp
 
 EDM = get_schedule("edm")
 
@@ -94,6 +95,30 @@ def test_ddim_inversion_reconstructs_and_error_falls_with_steps():
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.1
     assert rmse(40, iters=2) < 0.02
+
+
+def test_interpolation_frames_are_the_slerp_of_the_exact_inverses():
+    """On Gaussian data N(m, s^2 I) (as 1x4x4 images) DDIM is affine, x_0 - m = P (x_T - m) with
+    P = prod_i (s^2 + sigma_i sigma_{i+1}) / (s^2 + sigma_i^2), so the exact inverse of an image x is
+    z = m + (x - m) / P and frame t is m + P (slerp(z_a, z_b, t) - m): the first and last frames reconstruct
+    a and b, the others follow the great circle. 10 fixed-point iterations per inversion step solve DDIM's step
+    exactly (measured error 5e-7 in float32, 0.14 with plain inversion, 2.8e-3 with 2 iterations)."""
+    s = 0.5
+    m = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64)
+    data = gaussian(m, s)
+    a, b = data.sample(2, generator=torch.Generator().manual_seed(0)).view(2, 1, 4, 4)
+    sig = get_sigmas(EDM, 40, "karras")
+    levels = sig.double().tolist()
+    P = float(np.prod([(s**2 + hi * lo) / (s**2 + hi**2) for hi, lo in zip(levels[:-1], levels[1:])]))
+    frames = edit.interpolate(data, a, b, sig, frames=5, iters=10)
+    mm = m.view(1, 4, 4).float()
+    za, zb = (mm + (x - mm) / P for x in (a, b))
+    want = torch.stack([mm + P * (slerp(za[None], zb[None], t)[0] - mm) for t in (0.0, 0.25, 0.5, 0.75, 1.0)])
+    assert frames.shape == (5, 1, 4, 4)
+    torch.testing.assert_close(frames[0], a, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(frames[-1], b, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(frames, want, rtol=1e-5, atol=2e-5)
+    assert (frames[2] - (a + b) / 2).abs().max() > 0.1  # the middle frame is not the pixel average
 
 
 def test_sdedit_limits():

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from .nets import NETS, ClassifierConfig, MLPConfig, UNetConfig
+from .nets import AutoencoderConfig, ClassifierConfig, DiTConfig, MLPConfig, NETS, UNetConfig, UViTConfig
+from .latent.objective import AutoencoderLossConfig
 from .objectives import ObjectiveConfig
 from .precond import PREDICTIONS
 from .sampling import SAMPLERS, SPACINGS, SampleConfig, check_sampler_options
@@ -31,6 +32,7 @@ class DataConfig:
     image_size: int | None = None   # resize images to this size (None: keep)
     subset: int | None = None       # train on a fixed random subset of N examples
     flip: bool = False              # random horizontal flips (never for digits)
+    autoencoder: str = ""           # an autoencoder checkpoint: train on its latents of the data ('' : pixels)
 
 
 @dataclass
@@ -44,10 +46,13 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"              # the network: unet, mlp (denoisers) or noisy_classifier (task noisy_classifier)
+    kind: str = "unet"              # the network: unet, dit, uvit, mlp (denoisers), noisy_classifier or autoencoder
     unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    uvit: UViTConfig = field(default_factory=UViTConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     noisy_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
 
 @dataclass
@@ -74,21 +79,25 @@ class TrainConfig:
     eval_samples: int = 256         # samples drawn (and real test images compared) at each evaluation
     ckpt_every: int = 500           # steps between checkpoints (0: only at the end)
     max_minutes: float = 0.0        # stop cleanly with a checkpoint after this wall time (0: no limit)
+    keep_last: int = 2              # earlier checkpoints kept as checkpoints/step_<step>.safetensors (0: none)
+    nonfinite_skips: int = 0        # steps in a row with a NaN/inf loss or gradient skipped before stopping (0: none)
+    dist_timeout_s: float = 600.0   # data-parallel: seconds a process waits for the others before it fails
 
 
-TASKS = ("denoiser", "noisy_classifier")  # what a run trains; see torchdiffusion.build
+TASKS = ("denoiser", "noisy_classifier", "autoencoder")  # what a run trains; see torchdiffusion.build
 
 
 @dataclass
 class RunConfig:
     name: str = "run"               # run name; outputs go to out_dir/name
     out_dir: str = "outputs"        # folder of runs
-    task: str = "denoiser"          # denoiser (a diffusion model) or noisy_classifier (for classifier guidance)
+    task: str = "denoiser"          # denoiser (a diffusion model), noisy_classifier (for guidance) or autoencoder
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # task autoencoder
 
     @property
     def run_dir(self) -> Path:
@@ -237,9 +246,60 @@ def validate(cfg: RunConfig) -> RunConfig:
         check_choice("sample.spacing", cfg.sample.spacing, SPACINGS)
         check_sampler_options(cfg.sample.sampler, {**cfg.sample.sampler_options,
                                                    **({"final": cfg.sample.final} if cfg.sample.final else {})})
+        check_values(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
+
+
+# fields with a lowest allowed value: dotted name -> (lowest value, what the field means)
+AT_LEAST = {
+    "train.steps": (1, "optimizer steps in total"), "train.batch_size": (1, "examples per optimizer step"),
+    "train.grad_accum": (1, "micro-batches per step"), "train.log_every": (1, "steps between logged scalars"),
+    "train.eval_samples": (1, "samples per evaluation"), "train.warmup_steps": (0, "0: no warm-up"),
+    "train.grad_clip": (0, "0: no clipping"), "train.threads": (0, "0: torch's default"),
+    "train.sample_every": (0, "0: no sample grids"), "train.eval_every": (0, "0: no evaluations"),
+    "train.ckpt_every": (0, "0: a checkpoint only at the end"), "train.max_minutes": (0, "0: no time limit"),
+    "train.weight_decay": (0, "0: none"), "train.min_lr_ratio": (0, "final lr as a fraction of lr"),
+    "train.keep_last": (0, "0: keep only last and best"), "train.nonfinite_skips": (0, "0: stop at the first"),
+    "sample.steps": (1, "sampler steps"), "sample.n": (1, "samples to draw"),
+    "sample.batch_size": (1, "samples per denoiser batch"),
+}
+POSITIVE = {"train.lr": "the peak learning rate", "train.dist_timeout_s": "seconds to wait for the other processes"}
+
+
+def check_sample_values(spec, prefix: str = "sample.") -> None:
+    """The bounds of AT_LEAST on a SampleConfig, and its numbers finite; `prefix` '--' names command-line flags."""
+    name = (lambda f: "--" + f.replace("_", "-")) if prefix == "--" else (lambda f: prefix + f)
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        low = AT_LEAST.get(f"sample.{f.name}")
+        if low is not None and v < low[0]:
+            raise ConfigError(f"{name(f.name)} must be at least {low[0]}, got {v} ({low[1]})")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{name(f.name)} must be a finite number, got {v!r}")
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Bounds that types cannot say (AT_LEAST, POSITIVE, the EMA and Adam decays) and a run name that stays
+    inside out_dir. Raises ConfigError naming the field, its value and what it means."""
+    t = cfg.train
+    for key, (low, what) in AT_LEAST.items():
+        section, name = key.split(".")
+        if section == "train" and getattr(t, name) < low:
+            raise ConfigError(f"{key} must be at least {low}, got {getattr(t, name)} ({what})")
+    for key, what in POSITIVE.items():
+        v = getattr(t, key.split(".")[1])
+        if not v > 0:
+            raise ConfigError(f"{key} must be positive, got {v} ({what})")
+    decays = [("train.ema_decay", t.ema_decay)] + [(f"train.adam_betas[{i}]", b) for i, b in enumerate(t.adam_betas)]
+    for key, v in decays:
+        if not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ConfigError(f"{key} must be a number in [0, 1), got {v!r}")
+    check_sample_values(cfg.sample)
+    if cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name:
+        raise ConfigError(f"name must be a plain folder name (the run goes to out_dir/name), got {cfg.name!r}; "
+                          "put the folder of runs in out_dir=...")
 
 
 def presets() -> list[str]:
@@ -255,6 +315,9 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
             path = PRESET_DIR / f"{config}.yaml"
         if not path.exists():
             raise ConfigError(f"config {config!r} is neither a file nor a preset; presets: {', '.join(presets())}")
+        if not path.is_file():
+            raise ConfigError(f"config {config!r} is a folder, not a YAML file; give a file or a preset "
+                              f"({', '.join(presets())})")
         try:
             d = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

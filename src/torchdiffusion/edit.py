@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from .objectives import low_res_condition
-from .sampling import SampleConfig, generate, get_sampler
+from .sampling import SampleConfig, generate, get_sampler, plan_sampling
 from .sampling.core import expand_sigma, levels, to_d
 from .utils import check_choice, hash_seed, randn, randn_like, sample_generators, slerp
 
@@ -170,6 +170,20 @@ def inpaint(denoiser, image: torch.Tensor, mask: torch.Tensor, sigmas: torch.Ten
     return sample_constrained(denoiser, x, sigmas, project=inpaint_projection(image, mask), sampler=sampler,
                               resample=resample, jump_length=jump_length, generator=generator, callback=callback,
                               **opts)
+
+
+def edit_plan(denoiser, shape: tuple, spec: SampleConfig, n: int, *, step_sampler: bool = False,
+              latent: bool = False):
+    """What an edit of n images needs from a sampling configuration: (denoiser with the images' classes
+    (spec.class_label) bound and x0 clipped as spec says, sigmas, the sampler's options, the configuration used).
+    Guidance is off: an edited image is conditioned on its own class. With `step_sampler`, a multistep spec.sampler
+    is replaced by DEFAULT_STEP_SAMPLER (the returned configuration says so). `latent`: the model works on latents
+    (no clipping of its x0)."""
+    if step_sampler and spec.sampler not in STEP_SAMPLERS:
+        spec = dataclasses.replace(spec, sampler=DEFAULT_STEP_SAMPLER, sampler_options={}, final="")
+    spec = dataclasses.replace(spec, guidance="none", guidance_scale=1.0)
+    plan = plan_sampling(denoiser, shape, spec, n=n, latent=latent)
+    return plan.bind(), plan.sigmas, plan.options, spec
 
 
 # ------------------------------------------------------------------------------------------------- SDEdit

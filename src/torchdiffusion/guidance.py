@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .precond import DenoiserTransform, x0_from, x0_to
 from .utils import append_dims, check_choice
 
-GUIDANCES = ("none", "cfg", "classifier")
+GUIDANCES = ("none", "cfg", "classifier", "embedded")  # embedded: the net takes the scale as an input (LCM)
 RESCALE_SPACES = ("eps", "v", "x0")
 
 
@@ -145,11 +145,15 @@ class ClassifierGuidance(DenoiserTransform):
 
 def guide(denoiser, guidance: str = "none", scale: float = 1.0, *, classifier=None,
           interval: tuple[float, float] | None = None, rescale: float = 0.0):
-    """Wrap `denoiser` in the named guidance ('none', 'cfg' or 'classifier'); classifier: a SigmaClassifier."""
+    """Wrap `denoiser` in the named guidance ('none', 'cfg' or 'classifier'); classifier: a SigmaClassifier.
+    'embedded' returns the denoiser unchanged: its network takes the scale as an input (a latent consistency
+    student, Luo et al. 2023), which the caller binds as ``guidance_scale``."""
     check_choice("guidance", guidance, GUIDANCES)
     if guidance == "none" and scale != 1.0:
         raise ValueError(f"guidance scale {scale:g} has no effect without a guidance method: choose guidance 'cfg' "
                          "(classifier-free) or 'classifier'")
+    if guidance == "embedded":
+        return denoiser
     if guidance == "cfg":
         return ClassifierFreeGuidance(denoiser, scale, interval=interval, rescale=rescale)
     if guidance == "classifier":

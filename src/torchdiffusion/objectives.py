@@ -18,6 +18,14 @@ Weightings (multiplying the per-sample loss in the network-output space):
   equals DDPM's beta_t^2 / (2 beta~_t alpha_t (1 - alpha_bar_t)) ||eps - eps_hat||^2), times T so that the
   expectation over uniform t is the sum over terms. At the first step (s = 0) the term is the decoder's,
   and the weight of the second step is used instead (as Improved DDPM clips beta-tilde there).
+
+Masked-patch training (MaskDiT, Zheng et al. 2023): with ``mask_ratio`` r > 0 each training example drops
+a uniformly random subset of L - floor(L (1 - r)) of its L patch tokens (drawn from the example's own generator,
+so resume and data-parallel runs draw the same masks), the network sees only the kept ones (``token_mask``), the
+weighted denoising loss is averaged over the kept patches only, and ``mae_weight`` lambda adds the MAE-style
+reconstruction of the dropped ones, lambda * mean over dropped patches of ||D_patch - norm(x_patch)||^2 / P, the
+target being the noisy input's patch normalised to zero mean and unit variance (MaskDiT's loss, with the
+paper's lambda = 0.1). Validation (:meth:`DiffusionObjective.per_sample`) and sampling use every token.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ from .utils import append_dims, check_choice, rand, randn_like
 
 LOSSES = ("l2", "l1", "huber")
 WEIGHTINGS = ("uniform", "min_snr", "vlb")
+MAE_VAR_EPS = 1e-6  # added to a target patch's variance before normalising it (MaskDiT, as MAE's norm_pix_loss)
 
 
 @dataclass
@@ -43,6 +52,8 @@ class ObjectiveConfig:
     cond_drop_prob: float = 0.0     # replace class labels by the null class with this probability (for CFG)
     low_res: int = 0                # super-resolution: condition on x0 area-downsampled to this side (0: off)
     cond_aug_max_sigma: float = 0.0  # noise the low-res image at a level drawn uniformly in [0, this]
+    mask_ratio: float = 0.0         # MaskDiT: drop this fraction of the patch tokens in training (0: off; kind dit)
+    mae_weight: float = 0.0         # MaskDiT: weight of the reconstruction loss of the dropped patches (paper: 0.1)
 
 
 def low_res_condition(x: torch.Tensor, size: int, aug_sigma: torch.Tensor, *, generator=None) -> dict:
@@ -73,7 +84,7 @@ class DiffusionObjective:
     that declares another one is refused."""
 
     def __init__(self, schedule: Schedule, cfg: ObjectiveConfig | None = None, *, prediction: str | None = None,
-                 num_classes: int | None = None, **kwargs):
+                 num_classes: int | None = None, patch_size: int | None = None, **kwargs):
         cfg = cfg or ObjectiveConfig(**kwargs)
         if prediction is not None:
             check_choice("prediction", prediction, PREDICTIONS)
@@ -89,6 +100,8 @@ class DiffusionObjective:
                              f"{cfg.cond_aug_max_sigma}")
         if not 0.0 <= cfg.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cfg.cond_drop_prob}")
+        _check_masking(cfg, patch_size)
+        self.patch_size = patch_size  # the network's patch side (MaskDiT's token grid)
         self.schedule = schedule
         self.cfg = cfg
         self.prediction = prediction
@@ -163,23 +176,82 @@ class DiffusionObjective:
         return skip_out_coefficients(self.prediction_of(denoiser), sigma.float(), self.sigma_data)[1].abs()
 
     def per_sample(self, denoiser, x0: torch.Tensor, cond: dict | None = None, *, generator=None,
-                   sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Weighted loss per sample (N,). `sigma` and `noise` may be given (tests); else they are drawn."""
+                   sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                   masked: bool = False) -> torch.Tensor:
+        """Weighted loss per sample (N,). `sigma` and `noise` may be given (tests); else they are drawn. `masked`:
+        MaskDiT's loss with mask_ratio of the patch tokens dropped (the training loss; see the module docstring)."""
         n = x0.shape[0]
         x, sigma = add_noise(self.schedule, x0, generator=generator, sigma=sigma, noise=noise)
         if self.cfg.low_res:  # super-resolution: the conditioning image is made from x0 itself
             aug = rand((n,), generator=generator, device=x0.device) * self.cfg.cond_aug_max_sigma
             cond = {**(cond or {}), **low_res_condition(x0, self.cfg.low_res, aug, generator=generator)}
-        denoised = denoiser(x, sigma, **(cond or {}))
+        cond = dict(cond or {})
+        mask = self.token_mask(x0, generator=generator) if masked and self.cfg.mask_ratio > 0 else None
+        if mask is not None:
+            cond["token_mask"] = mask  # (N, L) bool, True = dropped
+        denoised = denoiser(x, sigma, **cond)
         out_scale = self.out_scale(denoiser, sigma)
         err = (denoised - x0) / append_dims(out_scale, x0.ndim)
-        per = self.elementwise(err).flatten(1).mean(1)
-        return per * self.weight(sigma, out_scale)
+        if mask is None:
+            return self.elementwise(err).flatten(1).mean(1) * self.weight(sigma, out_scale)
+        kept = ~mask
+        per = _patch_means(self.elementwise(err), self.patch_size)  # (N, L)
+        loss = (per * kept).sum(1) / kept.sum(1) * self.weight(sigma, out_scale)  # (N,)
+        if self.cfg.mae_weight > 0:
+            loss = loss + self.cfg.mae_weight * mae_loss(denoised, x, mask, self.patch_size)
+        return loss
+
+    def token_mask(self, x0: torch.Tensor, *, generator=None) -> torch.Tensor:
+        """MaskDiT's random token mask (N, L) bool, True = dropped: each example keeps floor(L (1 - mask_ratio))
+        of the L = (H / p)(W / p) patches (row-major), the kept set uniform among all such sets, from ranks of
+        uniform scores drawn from the example's generator (Zheng et al. 2023)."""
+        p = self.patch_size
+        h, w = x0.shape[-2:]
+        if x0.ndim != 4 or h % p or w % p:
+            raise ValueError(f"masked-patch training needs images (N, C, H, W) with sides divisible by the patch "
+                             f"size {p}, got {tuple(x0.shape)}")
+        n_tok = (h // p) * (w // p)
+        keep = max(1, int(n_tok * (1 - self.cfg.mask_ratio)))
+        scores = rand((x0.shape[0], n_tok), generator=generator, device=x0.device)  # (N, L)
+        return scores.argsort(1).argsort(1) >= keep  # rank >= keep: dropped
 
     def __call__(self, denoiser, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
-        """Training loss: condition dropout (if configured), then the mean of :meth:`per_sample`."""
+        """Training loss: condition dropout (if configured), then the mean of :meth:`per_sample` (masked when
+        mask_ratio > 0)."""
         cond = self.drop_condition(cond, generator=generator)
-        return self.per_sample(denoiser, x0, cond, generator=generator).mean()
+        return self.per_sample(denoiser, x0, cond, generator=generator, masked=True).mean()
+
+
+def _check_masking(cfg: ObjectiveConfig, patch_size: int | None) -> None:
+    """MaskDiT's options: a ratio in [0, 1), a non-negative weight, a patch network; the MAE term needs masking."""
+    if not 0.0 <= cfg.mask_ratio < 1.0 or cfg.mae_weight < 0:
+        raise ValueError(f"mask_ratio must be in [0, 1) and mae_weight >= 0, got {cfg.mask_ratio}, {cfg.mae_weight}")
+    if cfg.mask_ratio > 0 and not patch_size:
+        raise ValueError("mask_ratio > 0 (masked-patch training) needs a patch-based network: model.kind=dit "
+                         "(the objective is told its patch_size)")
+    if cfg.mae_weight > 0 and cfg.mask_ratio == 0:
+        raise ValueError("mae_weight > 0 reconstructs dropped patches: set mask_ratio > 0 too (MaskDiT: 0.5)")
+
+
+def _patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, C p^2): the p x p patches in row-major order (the network's token order)."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // p) * (w // p), -1)
+
+
+def _patch_means(per_element: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L): the mean over each patch (channels and pixels)."""
+    return _patches(per_element, p).mean(-1)
+
+
+def mae_loss(denoised: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
+    """MaskDiT's reconstruction loss (Zheng et al. 2023; MAE's normalised-pixel target, He et al. 2022):
+    mean over the dropped patches (mask True) of mean((D_patch - (x_patch - mean) / sqrt(var + eps))^2), x the
+    noisy input, var the unbiased variance within the patch. Returns (N,)."""
+    target = _patches(x, p)  # (N, L, P)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + MAE_VAR_EPS).sqrt()
+    per = (_patches(denoised, p) - target).pow(2).mean(-1)  # (N, L)
+    return (per * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 class ClassifierObjective:

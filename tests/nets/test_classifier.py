@@ -55,7 +55,8 @@ def test_build_makes_the_classifier_task_from_its_preset():
     assert isinstance(build_module(cfg), SigmaClassifier) and isinstance(build_objective(cfg), ClassifierObjective)
     with pytest.raises(ConfigError, match="task 'noisy_classifier' trains a network of kind 'noisy_classifier'"):
         build_module(load_config("classifier-mnist", ["model.kind=unet"]))
-    with pytest.raises(ConfigError, match="task 'denoiser' trains a network of kind 'unet' or 'mlp'"):
+    with pytest.raises(ConfigError, match="task 'denoiser' trains a network of kind 'unet' or 'dit' or 'uvit' or "
+                                          "'mlp'"):
         build_module(load_config("classifier-mnist", ["task=denoiser"]))
 
 

@@ -47,7 +47,7 @@ def _assert_close(a, b, groups=("model", "ema")):
     for group in groups:
         assert a[group].keys() == b[group].keys()
         for k in a[group]:
-            torch.testing.assert_close(a[group][k], b[group][k], atol=TOL, rtol=0, msg=f"{group} {k}")
+            torch.testing.assert_close(a[group][k], b[group][k], atol=TOL, rtol=TOL, msg=f"{group} {k}")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

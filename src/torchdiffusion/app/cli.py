@@ -1,5 +1,5 @@
 """Command line: ``torchdiffusion {train,sample,demo,config,prepare-data,train-feature-net,evaluate,inpaint,img2img,
-invert,interpolate,bench}``.
+invert,interpolate,export,report,bench}``.
 
 Run options come from the configuration dataclasses (``torchdiffusion.config``): give a preset or a YAML
 file with ``--config`` and change any field with ``key=value`` (e.g. ``train.steps=500 model.unet.channels=64``).
@@ -12,32 +12,39 @@ import dataclasses
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from .. import viz
-from ..build import load_denoiser, load_noisy_classifier, net_input_shape
+from .. import __version__, viz
+from ..build import codec_for, load_denoiser, load_noisy_classifier, net_input_shape
 from ..checkpoint import CheckpointError
-from ..config import ConfigError, load_config, presets, to_dict
-from ..data import prepare_mnist
-from ..edit import (DEFAULT_STEP_SAMPLER, STEP_SAMPLERS, ddim_invert, inpaint, interpolate, sample_cascade, sdedit,
-                    sdedit_sigmas)
-from ..evaluate import evaluate_samples, feature_net_metadata, feature_net_path, train_feature_net
+from ..config import ConfigError, check_sample_values, load_config, presets, to_dict
+from ..data import prepare_fashion_mnist, prepare_mnist
+from ..edit import STEP_SAMPLERS, edit_plan, sample_cascade, sdedit_sigmas
+from ..evaluate import (FEATURE_DATASETS, evaluate_samples, feature_net_metadata, feature_net_path,
+                        train_feature_net)
+from ..evaluate.quality import FLOOR_DRAWS, num_classes
 from ..evaluate.report import evaluate_checkpoint, format_table
-from ..sampling import SampleConfig, generate, plan_sampling, sample_ddim
+from ..guidance import class_labels_for
+from ..interop.diffusers import export_diffusers
+from ..interop.export import FORMATS, ONNX_OPSET, SUFFIXES, export, input_names
+from ..latent.edit import Edits
+from ..sampling import SampleConfig, generate
 from ..training import dist_info, train
 from ..utils import check_choice, sample_generators
 from .demo import run_demo
 from .hooks import standard_hooks
 from .inputs import load_images, load_samples, make_mask
+from .run_report import write_report
 
 NONE_ARG = "none"  # `--class-label none`: unconditional, whatever the run's sample.class_label says
 BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"  # the benchmarks of a source checkout
 BENCHMARKS = {"samplers": "samplers.py", "train-speed": "train_speed.py", "guidance": "guidance.py",
-              "structure": "structure.py"}
+              "structure": "structure.py", "floor": "floor.py"}
 EDIT_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "sampler_options", "seed", "use_ema", "clip_x0", "class_label")
 EVAL_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "final", "sampler_options", "seed", "batch_size", "use_ema",
                       "clip_x0", "class_label", "guidance", "guidance_scale", "classifier")
@@ -106,10 +113,23 @@ def _spec(run_sample: SampleConfig, args, **fixed) -> SampleConfig:
     if "sampler" in over and over["sampler"] != run_sample.sampler and "sampler_options" not in over:
         over["sampler_options"] = {}
     spec = dataclasses.replace(run_sample, **over)
+    check_sample_values(spec, prefix="--")  # --n 0, --batch-size 0, --guidance-scale nan: refused before any work
     if spec.guidance == "none" and spec.guidance_scale != 1.0:
         raise ConfigError(f"--guidance-scale {spec.guidance_scale:g} needs a guidance method: add --guidance cfg "
                           "(classifier-free) or --guidance classifier --classifier CKPT")
     return spec
+
+
+def _writable(out: Path) -> Path:
+    """The output folder `out`, created, once a file could be written in it (so that a read-only --out fails
+    before any sampling, not after)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write to {out} ({e.strerror or e}): pass --out with a writable folder") from None
+    return out
 
 
 def _classifier(spec: SampleConfig):
@@ -146,11 +166,13 @@ def cmd_sample(args) -> int:
     denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=args.use_ema is not False)
     s = _spec(cfg.sample, args)
     shape = tuple(meta["data_shape"])
-    out = Path(args.out) if args.out else cfg.run_dir / "samples"
+    out = _writable(Path(args.out) if args.out else cfg.run_dir / "samples")
     stem = f"{s.sampler}_{s.steps}steps_seed{s.seed}"
     if s.sr_checkpoint:
         return _sample_cascade(denoiser, shape, s, out, stem, meta)
-    x = generate(denoiser, shape, s, classifier=_classifier(s), progress=sys.stderr.isatty())
+    codec = codec_for(cfg, meta, args.checkpoint)  # a model on latents: decode its samples
+    x = generate(denoiser, shape, s, classifier=_classifier(s), progress=sys.stderr.isatty(),
+                 decode=codec.decode if codec is not None else None)
     if s.class_label is not None:
         stem += f"_class{s.class_label}"
     if s.guidance != "none":
@@ -179,25 +201,25 @@ def _sample_cascade(base, base_shape, s: SampleConfig, out: Path, stem: str, met
 
 # ------------------------------------------------------------------------------------------------- editing
 def _edit_setup(args, *, step_sampler: bool = False):
-    """(denoiser with the images' classes bound, images, sigmas, generators, sample config, out folder) for the
-    editing commands. The class comes from --class-label alone (default: the null class), not from the run's
-    sample.class_label, which is about drawing new samples: an edited image has its own class. With
+    """(denoiser with the images' classes bound, images, sigmas, generators, sample config, out folder, sampler
+    options) for the editing commands. The class comes from --class-label alone (default: the null class), not
+    from the run's sample.class_label, which is about drawing new samples: an edited image has its own class. With
     `step_sampler`, a run sampler that is multistep is replaced by DEFAULT_STEP_SAMPLER (with a notice), unless
-    --sampler asked for it."""
+    --sampler asked for it (then it is refused)."""
     denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=args.use_ema is not False)
     s = _spec(dataclasses.replace(cfg.sample, class_label=None), args)
-    if step_sampler and s.sampler not in STEP_SAMPLERS and args.sampler is None:
-        print(f"{args.command}: the run samples with {s.sampler!r}, which is multistep; using {DEFAULT_STEP_SAMPLER!r}"
-              f" (--sampler chooses one of {', '.join(STEP_SAMPLERS)})", file=sys.stderr)
-        s = dataclasses.replace(s, sampler=DEFAULT_STEP_SAMPLER, sampler_options={}, final="")
     shape = tuple(meta["data_shape"])
     if len(shape) != 3:
         raise ValueError(f"editing needs an image model; this checkpoint holds data of shape {shape}")
-    images = load_images(args.images, shape)  # (N, C, H, W)
-    plan = plan_sampling(denoiser, shape, dataclasses.replace(s, guidance="none", guidance_scale=1.0),
-                         n=len(images))
-    out = Path(args.out) if args.out else cfg.run_dir / "edits"
-    return plan.bind(), images, plan.sigmas, sample_generators(s.seed, len(images)), s, out, plan.options
+    codec = codec_for(cfg, meta, args.checkpoint)
+    images = load_images(args.images, codec.image_shape if codec else shape)  # (N, C, H, W)
+    den, sigmas, opts, used = edit_plan(denoiser, shape, s, len(images), latent=codec is not None,
+                                        step_sampler=step_sampler and args.sampler is None)
+    if used.sampler != s.sampler:
+        print(f"{args.command}: the run samples with {s.sampler!r}, which is multistep; using {used.sampler!r}"
+              f" (--sampler chooses one of {', '.join(STEP_SAMPLERS)})", file=sys.stderr)
+    out = _writable(Path(args.out) if args.out else cfg.run_dir / "edits")
+    return den, images, sigmas, sample_generators(used.seed, len(images)), used, out, opts, Edits(codec)
 
 
 def _edit_outputs(out: Path, name: str, rows: list, titles: list, result, **info) -> int:
@@ -210,19 +232,19 @@ def _edit_outputs(out: Path, name: str, rows: list, titles: list, result, **info
 
 
 def cmd_inpaint(args) -> int:
-    denoiser, images, sigmas, gens, s, out, opts = _edit_setup(args, step_sampler=True)
+    denoiser, images, sigmas, gens, s, out, opts, edits = _edit_setup(args, step_sampler=True)
     mask = make_mask(args.mask, tuple(images.shape[1:]))
-    x = inpaint(denoiser, images, mask, sigmas, sampler=s.sampler, resample=args.resample,
-                jump_length=args.jump_length, generator=gens, **opts)
+    x = edits.inpaint(denoiser, images, mask, sigmas, sampler=s.sampler, resample=args.resample,
+                      jump_length=args.jump_length, generator=gens, **opts)
     return _edit_outputs(out, "inpaint", [images, images * mask, x], ["original", "known", "inpainted"], x,
                          sampler=s.sampler, steps=s.steps, resample=args.resample, jump_length=args.jump_length)
 
 
 def cmd_img2img(args) -> int:
-    denoiser, images, sigmas, gens, s, out, opts = _edit_setup(args)
+    denoiser, images, sigmas, gens, s, out, opts, edits = _edit_setup(args)
     for st in args.strength:
         sdedit_sigmas(sigmas, st)  # check every strength before any work
-    results = [sdedit(denoiser, images, sigmas, st, sampler=s.sampler, generator=gens, **opts)
+    results = [edits.sdedit(denoiser, images, sigmas, st, sampler=s.sampler, generator=gens, **opts)
                for st in args.strength]
     return _edit_outputs(out, "img2img", [images, *results], ["input"] + [f"strength {st:g}" for st in args.strength],
                          torch.stack(results, 1).flatten(0, 1), sampler=s.sampler, steps=s.steps,
@@ -230,9 +252,8 @@ def cmd_img2img(args) -> int:
 
 
 def cmd_invert(args) -> int:
-    denoiser, images, sigmas, _, s, out, _ = _edit_setup(args)
-    z = ddim_invert(denoiser, images, sigmas, iters=args.iters)
-    rec = sample_ddim(denoiser, z, sigmas)
+    denoiser, images, sigmas, _, s, out, _, edits = _edit_setup(args)
+    z, rec = edits.invert(denoiser, images, sigmas, iters=args.iters)
     rmse = float((rec - images).pow(2).mean().sqrt())
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "inverted_noise.npz", noise=z.numpy(), sigma_max=float(sigmas[0]))
@@ -241,10 +262,10 @@ def cmd_invert(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    denoiser, images, sigmas, _, s, out, _ = _edit_setup(args)
+    denoiser, images, sigmas, _, s, out, _, edits = _edit_setup(args)
     if len(images) != 2:
         raise ValueError(f"interpolate needs exactly 2 images, got {len(images)} from {args.images!r}")
-    x = interpolate(denoiser, images[0], images[1], sigmas, frames=args.frames, iters=args.iters)
+    x = edits.interpolate(denoiser, images[0], images[1], sigmas, frames=args.frames, iters=args.iters)
     return _edit_outputs(out, "interpolation", [x], ["slerp"], x, steps=s.steps, frames=args.frames)
 
 
@@ -255,19 +276,23 @@ def cmd_config(args) -> int:
     return 0
 
 
+PREPARE = {"mnist": prepare_mnist, "fashion-mnist": prepare_fashion_mnist}  # prepare-data --dataset
+
+
 def cmd_prepare_data(args) -> int:
-    print(prepare_mnist(force=args.force))
+    print(PREPARE[args.dataset](force=args.force))
     return 0
 
 
 def cmd_train_feature_net(args) -> int:
-    path = feature_net_path("mnist")
+    path = feature_net_path(args.dataset)
     if path.exists() and not args.force:
-        print(f"feature network exists: {path} (test accuracy {feature_net_metadata()['test_accuracy']:.4f}); "
-              f"--force retrains it")
+        acc = feature_net_metadata(args.dataset)["test_accuracy"]
+        print(f"feature network exists: {path} (test accuracy {acc:.4f}); --force retrains it")
         return 0
-    path = train_feature_net("mnist", epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty())
-    print(f"test accuracy {feature_net_metadata(path=path)['test_accuracy']:.4f}; saved to {path}")
+    path = train_feature_net(args.dataset, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"{args.dataset} test accuracy {feature_net_metadata(args.dataset, path=path)['test_accuracy']:.4f}; "
+          f"saved to {path}")
     return 0
 
 
@@ -277,18 +302,44 @@ def cmd_evaluate(args) -> int:
     if target.suffix == ".safetensors" or (target.is_dir() and (target / "last.safetensors").exists()):
         overrides = {k: v for k, v in _sample_overrides(args).items() if k != "n"}
         result = evaluate_checkpoint(target, n=args.n, likelihood=which, likelihood_n=args.likelihood_n,
-                                     rtol=args.rtol, progress=sys.stderr.isatty(), **overrides)
+                                     rtol=args.rtol, progress=sys.stderr.isatty(), seeds=args.seeds,
+                                     floor_draws=args.floor_draws, n_ref=args.n_ref, **overrides)
     else:
-        if which:
-            raise ValueError("--likelihood needs a checkpoint, not a set of samples")
+        if which or args.seeds:
+            raise ValueError("--likelihood and --seeds need a checkpoint, not a set of samples")
         x, note = load_samples(target)
-        print(f"read {note}", file=sys.stderr)
-        result = {"samples": str(target), **evaluate_samples(x[: args.n] if args.n else x)}
+        x = x[: args.n] if args.n else x
+        label = None if args.class_label in (None, NONE_ARG) else args.class_label   # the classes the file asked for
+        labels = class_labels_for(len(x), label, num_classes(args.dataset))
+        print(f"read {note}; " + ("unconditional (no --class-label): random floor draws" if labels is None else
+                                   f"--class-label {label}: the floor has the same class counts"), file=sys.stderr)
+        result = {"samples": str(target), **evaluate_samples(x, args.dataset, labels=labels, n_ref=args.n_ref,
+                                                             floor_draws=args.floor_draws, seed=args.seed or 0)}
     print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=not args.no_ema)
+    shape = tuple(meta["data_shape"])
+    out = Path(args.out) if args.out else cfg.run_dir / "export" / args.format
+    if args.format == "diffusers":
+        path = export_diffusers(denoiser, out, clip_sample=cfg.sample.clip_x0)
+    else:
+        path = export(denoiser, out if out.suffix else out / f"denoiser{SUFFIXES[args.format]}", shape, args.format,
+                      num_classes=getattr(denoiser, "num_classes", None))
+    print(json.dumps({"format": args.format, "path": str(path), "shape": list(shape),
+                      "inputs": input_names(getattr(denoiser, "num_classes", None) is not None),
+                      **({"opset": ONNX_OPSET} if args.format == "onnx" else {})}, indent=2))
+    return 0
+
+
+def cmd_report(args) -> int:
+    print(write_report(args.run_dir, args.out))
     return 0
 
 
@@ -328,7 +379,8 @@ def _add_run_commands(sub) -> None:
     _add_config_args(c, None)
     c.set_defaults(func=cmd_config)
 
-    pd = sub.add_parser("prepare-data", help="download / unpack MNIST into the cache")
+    pd = sub.add_parser("prepare-data", help="download / unpack MNIST or Fashion-MNIST into the cache")
+    pd.add_argument("--dataset", default="mnist", choices=sorted(PREPARE), help="which data set (default: mnist)")
     pd.add_argument("--force", action="store_true", help="rebuild the cached file")
     pd.set_defaults(func=cmd_prepare_data)
 
@@ -363,19 +415,30 @@ def _add_edit_commands(sub) -> None:
 def _add_eval_commands(sub) -> None:
     """train-feature-net (and its old name), evaluate, bench."""
     for name in ("train-feature-net", *RENAMED):
-        tc = sub.add_parser(name, help="train the MNIST feature network `evaluate` uses (into the cache)"
+        tc = sub.add_parser(name, help="train the evaluation feature network of a data set (into the cache)"
                             if name not in RENAMED else f"old name of {RENAMED[name]}")
-        tc.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+        tc.add_argument("--dataset", default="mnist", choices=FEATURE_DATASETS, help="which data set (default: mnist)")
+        tc.add_argument("--epochs", type=int, default=None, help="training epochs (default: the data set's recipe, 3)")
         tc.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and shifts")
         tc.add_argument("--force", action="store_true", help="retrain even if the cached feature network exists")
         tc.set_defaults(func=cmd_train_feature_net)
 
-    ev = sub.add_parser("evaluate", help="FD, KID, precision/recall, class coverage (and bits/dim) of a checkpoint "
-                        "or of samples (.npz or folder of PNGs); see docs/evaluation.md")
+    ev = sub.add_parser("evaluate", help="FD, FD-infinity, KID, precision/recall beside the matched real floor, class "
+                        "coverage (and bits/dim) of a checkpoint or of samples (.npz or folder of PNGs); see "
+                        "docs/evaluation.md")
     ev.add_argument("target", help="a .safetensors checkpoint, an .npz of samples (key 'samples') or a PNG folder")
     ev.add_argument("--n", type=int, default=1000, help="samples to draw from a checkpoint (default: 1000)")
     ev.add_argument("--likelihood", default="", help="comma-separated: vlb, ode (checkpoints only; slow)")
-    ev.add_argument("--likelihood-n", type=int, default=256, help="MNIST test images for bits/dim (default: 256)")
+    ev.add_argument("--likelihood-n", type=int, default=256, help="test images for bits/dim (default: 256)")
+    ev.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="two or more sampling seeds: one sample set each, spreads across them (default: one set, "
+                         "bootstrap spreads)")
+    ev.add_argument("--floor-draws", type=int, default=FLOOR_DRAWS,
+                    help=f"real floor sets drawn from the training split (default: {FLOOR_DRAWS})")
+    ev.add_argument("--n-ref", type=int, default=None,
+                    help="reference images (default: the whole test split; else that many fixed test images)")
+    ev.add_argument("--dataset", default="mnist", choices=FEATURE_DATASETS,
+                    help="data set of a samples file (a checkpoint evaluates against its run's; default: mnist)")
     ev.add_argument("--rtol", type=float, default=1e-3, help="ODE solver tolerance (rtol = atol; default: 1e-3)")
     ev.add_argument("--out", default=None, help="write the results as JSON here")
     _add_sample_args(ev, EVAL_SAMPLE_FIELDS)
@@ -386,10 +449,22 @@ def _add_eval_commands(sub) -> None:
     b.add_argument("which", help=" or ".join(BENCHMARKS))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark (see --help of each)")
     b.set_defaults(func=cmd_bench)
+    x = sub.add_parser("export", help="write a checkpoint's denoiser as a diffusers pipeline folder, an ONNX graph or a "
+                                      "TorchScript module (docs/interop.md)")
+    x.add_argument("checkpoint", help="a .safetensors checkpoint (or a diffusers folder, for onnx / torchscript)")
+    x.add_argument("--format", required=True, choices=("diffusers", *FORMATS), help="what to write")
+    x.add_argument("--out", default=None, help="output folder or file (default: the run's export/<format>/)")
+    x.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+    x.set_defaults(func=cmd_export)
+    r = sub.add_parser("report", help="write a self-contained HTML page about a run (RUN_DIR/report.html)")
+    r.add_argument("run_dir", help="a run folder (out_dir/name)")
+    r.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
+    r.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchdiffusion", description="Diffusion models in PyTorch.")
+    p.add_argument("--version", action="version", version=f"torchdiffusion {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_run_commands(sub)
     _add_edit_commands(sub)

@@ -12,6 +12,7 @@ from ..build import task_of
 from ..training import Hook, read_metrics
 
 GRID_SAMPLES = 64  # samples in each grid drawn during training
+RECON_IMAGES, RECON_COLUMNS = 32, 8  # an autoencoder's originals and reconstructions: 4 pairs of rows of 8
 
 
 class SampleGrid(Hook):
@@ -24,9 +25,11 @@ class SampleGrid(Hook):
     @torch.no_grad()
     def __call__(self, trainer):
         shape = tuple(trainer.data.sample_shape)
-        x = generate(trainer.ema_denoiser, shape, trainer.cfg.sample, n=self.n, device=trainer.device)
+        codec = getattr(trainer.data, "codec", None)  # a model on latents: decode them
+        x = generate(trainer.ema_denoiser, shape, trainer.cfg.sample, n=self.n, device=trainer.device,
+                     decode=codec.decode if codec is not None else None)
         path = trainer.run_dir / "samples" / f"step_{trainer.step:07d}.png"
-        if len(shape) == 3:
+        if x.ndim == 4:
             viz.save_grid(x, path, nrow=int(math.sqrt(self.n)))
         else:
             ref, _ = trainer.data.batch(torch.arange(min(len(trainer.data), 2000)))
@@ -45,6 +48,23 @@ class PeriodicEvaluation(Hook):
                                    device=trainer.device)
 
 
+class ReconstructionGrid(Hook):
+    """Every `every` steps (autoencoders): the first training images beside their reconstructions by the EMA
+    weights (the posterior mean), drawn to ``samples/step_<step>.png`` with originals and reconstructions in
+    alternating rows; returns the reconstructions' mean absolute error."""
+
+    def __init__(self, every: int, n: int = RECON_IMAGES):
+        self.every, self.n = every, n
+
+    @torch.no_grad()
+    def __call__(self, trainer):
+        x, _ = trainer.data.batch(torch.arange(min(self.n, len(trainer.data))), device=trainer.device)[:2]
+        rec = trainer.ema_module(x).clamp(-1, 1)
+        rows = torch.stack([x, rec], 1).unflatten(0, (-1, RECON_COLUMNS)).transpose(1, 2).flatten(0, 2)
+        viz.save_grid(rows.cpu(), trainer.run_dir / "samples" / f"step_{trainer.step:07d}.png", nrow=RECON_COLUMNS)
+        return {"recon_mae": float((rec - x).abs().mean())}
+
+
 class LossCurve(Hook):
     """After the run: ``loss_curve.png`` from the logged training loss."""
 
@@ -58,6 +78,8 @@ def standard_hooks(cfg) -> list[Hook]:
     """What `torchdiffusion train` runs beside the trainer: sample grids (train.sample_every) and evaluations
     (train.eval_every) for runs that draw samples, and the loss curve."""
     hooks: list[Hook] = []
+    if cfg.task == "autoencoder" and cfg.train.sample_every:
+        hooks.append(ReconstructionGrid(cfg.train.sample_every))
     if task_of(cfg).samples:
         if cfg.train.sample_every:
             hooks.append(SampleGrid(cfg.train.sample_every))

@@ -1,5 +1,5 @@
-"""Data: the cache folder, MNIST, image folders and .npz arrays, 2-D toy sets, in-memory datasets and a
-deterministic, resumable batch sampler.
+"""Data: the cache folder, MNIST and Fashion-MNIST, image folders and .npz arrays, 2-D toy sets, in-memory datasets
+and a deterministic, resumable batch sampler.
 
 Data sets never live in the repository; downloads go to :func:`cache_dir`.
 """
@@ -13,6 +13,7 @@ import torch
 
 from ..utils import check_choice, hash_seed
 from .cache import cache_dir
+from .fashion import FASHION_CLASSES, fashion_path, load_fashion_mnist, prepare_fashion_mnist
 from .images import (IMAGE_EXTENSIONS, TensorImageDataset, convert_channels, find_image_files, load_image_folder,
                      load_npz, resize_images, to_uint8_nchw)
 from .mnist import RestrictedUnpickler, load_mnist, mnist_path, prepare_mnist, read_idx
@@ -20,13 +21,14 @@ from .sampler import EpochSampler
 from .toy import TOY_DATASETS, GaussianMixture, ToyDataset, gaussian, make_toy, random_mixture, ring_mixture
 
 MNIST_NAMES = ("mnist", "mnist-test")
+FASHION_NAMES = ("fashion-mnist", "fashion-mnist-test")
 SPLITS = ("train", "test")
 NPZ_SUFFIXES = (".npz", ".npy")
 
 
 def dataset_names() -> tuple:
     """The built-in names accepted by :func:`make_dataset` (besides folder and .npz paths)."""
-    return MNIST_NAMES + TOY_DATASETS
+    return MNIST_NAMES + FASHION_NAMES + TOY_DATASETS
 
 
 def _npz_keys(path: Path) -> tuple:
@@ -53,7 +55,8 @@ def make_dataset(name_or_path, split: str = "train", image_size=None, subset: in
     """An in-memory dataset with ``.labels``, ``.num_classes``, ``len()`` and ``batch(indices, generator=,
     flip=)`` -> (float32 in [-1, 1], labels or None).
 
-    name_or_path: 'mnist' (split 'train' or 'test'), 'mnist-test', a 2-D toy name (see ``TOY_DATASETS``;
+    name_or_path: 'mnist' (split 'train' or 'test'), 'mnist-test', 'fashion-mnist' (the same splits; class names in
+    ``.classes``), 'fashion-mnist-test', a 2-D toy name (see ``TOY_DATASETS``;
     returns a :class:`ToyDataset` of ``toy_size`` points, or ``subset`` points), a folder of images (a
     ``<folder>/<split>`` subfolder is used when it exists) or a .npz/.npy file (keys x_<split>/y_<split> are
     used when present). image_size resizes images (int: center crop to a square; or (H, W)), channels
@@ -73,10 +76,12 @@ def make_dataset(name_or_path, split: str = "train", image_size=None, subset: in
         return ToyDataset(make_toy(key, n, generator=g), name=key)
 
     classes = None
-    if key in MNIST_NAMES:
-        images, labels = load_mnist("test" if key == "mnist-test" else split, root)
+    if key in MNIST_NAMES + FASHION_NAMES:
+        load = load_mnist if key in MNIST_NAMES else load_fashion_mnist
+        images, labels = load("test" if key.endswith("-test") else split, root)
         num_classes = 10
-        label = key if key == "mnist-test" or split == "train" else "mnist-test"
+        classes = FASHION_CLASSES if key in FASHION_NAMES else None
+        label = key if key.endswith("-test") or split == "train" else f"{key}-test"
     else:
         path = Path(name).expanduser()
         if path.is_dir():
@@ -114,6 +119,7 @@ def make_dataset(name_or_path, split: str = "train", image_size=None, subset: in
 __all__ = [
     "cache_dir", "make_dataset", "dataset_names", "EpochSampler", "TensorImageDataset", "ToyDataset",
     "load_mnist", "prepare_mnist", "mnist_path", "read_idx", "RestrictedUnpickler",
+    "load_fashion_mnist", "prepare_fashion_mnist", "fashion_path", "FASHION_CLASSES", "MNIST_NAMES", "FASHION_NAMES",
     "load_image_folder", "find_image_files", "load_npz", "to_uint8_nchw", "resize_images", "convert_channels",
     "IMAGE_EXTENSIONS", "TOY_DATASETS", "GaussianMixture", "gaussian", "make_toy", "random_mixture",
     "ring_mixture",

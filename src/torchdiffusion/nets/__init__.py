@@ -1,11 +1,17 @@
 """Raw networks F(x_in, t, **cond) -> output, to be wrapped by :mod:`torchdiffusion.precond`.
 
 ``NETS`` is the registry: a kind names a network class (with ``from_config``) and its config dataclass; the
-run configuration's ``model.<kind>`` section holds that config. Denoising networks return a tensor shaped like
-x_in; the noisy classifier returns class logits.
+run configuration's ``model.<kind>`` section holds that config. ``PRESETS`` holds the named configs of each family
+(the size registries: DiT's S, B, L, XL x patch 2, 4, 8; U-ViT's S, S-deep, M, L, H; the U-Net presets).
+Denoising networks return a tensor shaped like x_in; the noisy classifier returns class logits; the autoencoder (with
+its optional discriminator) what the autoencoder's objective needs.
 
     build_net("unet", preset="mnist")            # a preset from UNET_PRESETS
     build_net("unet", channels=64, image_size=32, in_channels=3, attn_resolutions=(8,))
+    build_net("unet", block="convnext", attention="window", window_size=7)
+    build_net("dit", preset="XL/2")              # DiT-XL/2 on 32x32x4 latents, 1000 classes (675M parameters)
+    build_net("dit", size="S", patch_size=4, num_classes=10)      # DiT-S/4 on 28x28 MNIST
+    build_net("uvit", size="S", patch_size=4, num_classes=10)
     build_net("mlp", dim=2, hidden=256)
 """
 from __future__ import annotations
@@ -13,22 +19,27 @@ from __future__ import annotations
 from torch import nn
 
 from ..utils import check_choice
-
+from .autoencoder import AutoencoderConfig, AutoencoderNet, KLAutoencoder
 from .classifier import ClassifierConfig, NoisyClassifier
-from .embeddings import TimeEmbedding, timestep_embedding
+from .dit import DIT_PRESETS, DIT_SIZES, DiT, DiTConfig
+from .embeddings import TimeEmbedding, sincos_position_embedding_2d, timestep_embedding
 from .mlp import MLPConfig, MLPDenoiserNet, ResMLPBlock
 from .unet import UNET_PRESETS, UNet, UNetConfig, count_parameters
+from .uvit import UVIT_PRESETS, UVIT_SIZES, UViT, UViTConfig
 
 NETS = {  # kind -> (network class, its config dataclass)
     "unet": (UNet, UNetConfig),
+    "dit": (DiT, DiTConfig),
+    "uvit": (UViT, UViTConfig),
     "mlp": (MLPDenoiserNet, MLPConfig),
     "noisy_classifier": (NoisyClassifier, ClassifierConfig),
+    "autoencoder": (AutoencoderNet, AutoencoderConfig),
 }
-PRESETS = {"unet": UNET_PRESETS}  # kind -> named configs
+PRESETS = {"unet": UNET_PRESETS, "dit": DIT_PRESETS, "uvit": UVIT_PRESETS}  # kind -> named configs
 
 
 def build_net(kind: str, preset: str | None = None, **fields) -> nn.Module:
-    """A network by kind (see NETS) from its config defaults, a named preset (U-Net: UNET_PRESETS) and `fields`."""
+    """A network by kind (see NETS) from its config defaults, a named preset (PRESETS[kind]) and `fields`."""
     check_choice("net kind", kind, NETS)
     cls, config_cls = NETS[kind]
     if preset is not None:
@@ -39,6 +50,8 @@ def build_net(kind: str, preset: str | None = None, **fields) -> nn.Module:
 
 
 __all__ = [
-    "NETS", "PRESETS", "build_net", "timestep_embedding", "TimeEmbedding", "UNet", "UNetConfig", "UNET_PRESETS",
-    "count_parameters", "MLPDenoiserNet", "MLPConfig", "ResMLPBlock", "ClassifierConfig", "NoisyClassifier",
+    "NETS", "PRESETS", "build_net", "timestep_embedding", "sincos_position_embedding_2d", "TimeEmbedding", "UNet",
+    "UNetConfig", "UNET_PRESETS", "count_parameters", "DiT", "DiTConfig", "DIT_PRESETS", "DIT_SIZES", "UViT",
+    "UViTConfig", "UVIT_PRESETS", "UVIT_SIZES", "MLPDenoiserNet", "MLPConfig", "ResMLPBlock", "ClassifierConfig",
+    "NoisyClassifier", "AutoencoderConfig", "AutoencoderNet", "KLAutoencoder",
 ]

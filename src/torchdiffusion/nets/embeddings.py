@@ -1,8 +1,9 @@
-"""Time embeddings shared by all networks.
+"""Embeddings shared by all networks: time, class labels (with the null class) and 2-D patch positions.
 
 A network receives time as a float tensor t of shape (N,) whose range depends on the schedule: a discrete
 timestep index 0..999, 1000 * t for continuous schedules, or ln(sigma) / 4 for EDM. The sinusoidal
-embedding below is defined for any real t.
+embedding below is defined for any real t. The transformers (DiT, U-ViT) add a fixed 2-D sine-cosine embedding
+of each patch's grid position (:func:`sincos_position_embedding_2d`).
 """
 from __future__ import annotations
 
@@ -60,13 +61,58 @@ def as_time_vector(t, n: int, device) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-def add_class_embedding(emb: torch.Tensor, class_embed, class_labels, num_classes) -> torch.Tensor:
-    """emb + class_embed(labels) for a class-conditional net (labels None: the null class, row num_classes);
-    an unconditional net (class_embed None) refuses labels."""
+GUIDANCE_EMBED_SCALE = 1000.0  # a guidance scale s is embedded like the timestep 1000 s (Luo et al. 2023, LCM)
+
+
+def add_guidance_embedding(emb: torch.Tensor, guidance_embed, guidance_scale) -> torch.Tensor:
+    """emb + guidance_embed(GUIDANCE_EMBED_SCALE s) for a net that takes the guidance scale s (N,) as an input (a
+    latent consistency student); a net without that input refuses it, and one with it needs it."""
+    if guidance_embed is None:
+        if guidance_scale is not None:
+            raise ValueError("guidance_scale given but the net was built with guidance_embed=False")
+        return emb
+    if guidance_scale is None:
+        raise ValueError("this net takes the guidance scale as an input (guidance_embed=True): pass guidance_scale, "
+                         "e.g. sample with guidance 'embedded' and a guidance_scale")
+    s = as_time_vector(guidance_scale, emb.shape[0], emb.device)
+    return emb + guidance_embed(GUIDANCE_EMBED_SCALE * s)
+
+
+def class_embedding(class_embed, class_labels, num_classes, n: int, device) -> torch.Tensor | None:
+    """class_embed(labels) (N, D) for a class-conditional net (labels None: the null class, row num_classes);
+    None for an unconditional net (class_embed None), which refuses labels."""
     if class_embed is None:
         if class_labels is not None:
             raise ValueError("class_labels given but the net was built with num_classes=None")
-        return emb
+        return None
     if class_labels is None:
-        class_labels = torch.full((emb.shape[0],), num_classes, dtype=torch.long, device=emb.device)
-    return emb + class_embed(class_labels)
+        class_labels = torch.full((n,), num_classes, dtype=torch.long, device=device)
+    return class_embed(class_labels)
+
+
+def add_class_embedding(emb: torch.Tensor, class_embed, class_labels, num_classes) -> torch.Tensor:
+    """emb + class_embed(labels), see :func:`class_embedding`; emb itself for an unconditional net."""
+    y = class_embedding(class_embed, class_labels, num_classes, emb.shape[0], emb.device)
+    return emb if y is None else emb + y
+
+
+def sincos_1d(pos: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[sin(pos w_k), cos(pos w_k)], w_k = max_period^(-2k/dim), k < dim/2 (Vaswani et al. 2017, sec. 3.5):
+    (M,) positions -> (M, dim) float32."""
+    omega = max_period ** (-torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))  # (dim/2,)
+    out = pos.double()[:, None] * omega[None]  # (M, dim/2)
+    return torch.cat([out.sin(), out.cos()], dim=1).float()  # (M, dim)
+
+
+def sincos_position_embedding_2d(dim: int, grid: tuple[int, int], device=None) -> torch.Tensor:
+    """The fixed 2-D sine-cosine position embedding of DiT (Peebles & Xie 2023, sec. 3.2; from MAE, He et al.
+    2022): for the patch in row r and column c of an (h, w) grid, [sincos_1d(c, dim/2), sincos_1d(r, dim/2)].
+    Rows of the (h * w, dim) result are in row-major patch order (the order of ``conv(x).flatten(2)``). The inner
+    product of two positions depends only on their offset: <e(r, c), e(r', c')> = sum_k cos(w_k (c - c')) +
+    cos(w_k (r - r'))."""
+    if dim % 4:
+        raise ValueError(f"the 2-D sine-cosine position embedding needs a width divisible by 4, got {dim}")
+    h, w = grid
+    rows = torch.arange(h, device=device).repeat_interleave(w)  # (h * w,)
+    cols = torch.arange(w, device=device).repeat(h)  # (h * w,)
+    return torch.cat([sincos_1d(cols, dim // 2), sincos_1d(rows, dim // 2)], dim=1)  # (h * w, dim)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embeddings import TimeEmbedding, add_class_embedding, as_time_vector
+from .embeddings import TimeEmbedding, add_class_embedding, add_guidance_embedding, as_time_vector
 
 
 @dataclass
@@ -26,6 +26,7 @@ class MLPConfig:
     time_embed_dim: int = 128           # sinusoidal feature width (the embedding itself is `hidden` wide)
     num_classes: Optional[int] = None   # class-conditional when set; row num_classes is the null class
     dropout: float = 0.0                # dropout inside the blocks
+    guidance_embed: bool = False        # take the guidance scale as an input (latent consistency students)
 
     def replace(self, **changes) -> "MLPConfig":
         return replace(self, **changes)
@@ -63,13 +64,15 @@ class MLPDenoiserNet(nn.Module):
         time_embed_dim: int = 128,          # sinusoidal feature width
         num_classes: Optional[int] = None,  # number of classes (None: unconditional)
         dropout: float = 0.0,               # dropout in the blocks
+        guidance_embed: bool = False,       # embed a guidance_scale input (LCM students)
     ):
         super().__init__()
-        self.config = MLPConfig(dim, hidden, num_blocks, time_embed_dim, num_classes, dropout)
+        self.config = MLPConfig(dim, hidden, num_blocks, time_embed_dim, num_classes, dropout, guidance_embed)
         self.dim = dim
         self.num_classes = num_classes
         self.time_embed = TimeEmbedding(time_embed_dim, hidden)
         self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes is not None else None
+        self.guidance_embed = TimeEmbedding(time_embed_dim, hidden) if guidance_embed else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList([ResMLPBlock(hidden, hidden, dropout) for _ in range(num_blocks)])
         self.norm_out = nn.LayerNorm(hidden)
@@ -81,11 +84,13 @@ class MLPDenoiserNet(nn.Module):
     def from_config(cls, cfg: MLPConfig) -> "MLPDenoiserNet":
         return cls(**asdict(cfg))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                guidance_scale=None) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLPDenoiserNet expects input of shape (N, {self.dim}), got {tuple(x.shape)}")
         emb = self.time_embed(as_time_vector(t, x.shape[0], x.device))  # (N, hidden)
         emb = add_class_embedding(emb, self.class_embed, class_labels, self.num_classes)  # (N, hidden)
+        emb = add_guidance_embedding(emb, self.guidance_embed, guidance_scale)  # (N, hidden)
         emb = F.silu(emb)
         h = self.inp(x)  # (N, hidden)
         for block in self.blocks:

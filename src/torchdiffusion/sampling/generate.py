@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..guidance import guide, net_num_classes, requested_labels
 from ..precond import ClampX0, Conditioned, Denoiser
 from ..utils import check_choice, randn, sample_generators
+from .consistency import sample_consistency
 from .core import sample_ddim, sample_ddpm, sample_euler
 from .dpm_solver import (sample_dpm_solver_1, sample_dpm_solver_2, sample_dpm_solver_3, sample_dpm_solver_adaptive,
                          sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m)
@@ -44,6 +45,7 @@ SAMPLERS = {
     "euler_maruyama": sample_euler_maruyama,
     "pc": sample_pc,
     "ode_reference": sample_ode_reference,
+    "consistency": sample_consistency,
 }
 SAMPLER_ARGS = ("denoiser", "x", "sigmas", "generator", "callback")  # the contract every sampler shares
 
@@ -74,6 +76,7 @@ class SampleConfig:
     sampler: str = "ddim"           # a name in torchdiffusion.sampling.SAMPLERS
     steps: int = 50                 # sampler steps
     spacing: str = "uniform"        # sigma spacing, see torchdiffusion.sampling.SPACINGS
+    sigmas: tuple = ()              # an explicit grid of noise levels (decreasing); overrides steps and spacing
     final: str = ""                 # last step to sigma 0 (denoise, heun0, ...) for samplers that take one; '' default
     sampler_options: dict = field(default_factory=dict)  # other keyword options of the sampler (eta, s_churn, ...)
     n: int = 64                     # samples to draw
@@ -115,20 +118,22 @@ class SamplingPlan:
     options: dict                   # its keyword options
     labels: torch.Tensor | None     # (n,) requested classes, or None (unconditional)
     clip: bool                      # samples are clamped to [-1, 1] at the end
+    extra: dict = field(default_factory=dict)  # other per-sample inputs of the network, (n, ...) each
 
     def bind(self, start: int = 0, stop: int | None = None, cond: dict | None = None, device=None) -> Denoiser:
         """The denoiser with samples start:stop of the labels and of every conditioning tensor in `cond` bound."""
-        bound = {k: v[start:stop].to(device) for k, v in (cond or {}).items()}  # each (b, ...)
+        bound = {k: v[start:stop].to(device) for k, v in {**self.extra, **(cond or {})}.items()}  # each (b, ...)
         if self.labels is not None:
             bound["class_labels"] = self.labels[start:stop].to(device)
         return Conditioned(self.denoiser, **bound) if bound else self.denoiser
 
 
 def plan_sampling(denoiser: Denoiser, shape: tuple, spec: SampleConfig, *, n: int, classifier=None,
-                  labels: torch.Tensor | None = None, device="cpu") -> SamplingPlan:
-    """Guidance (`classifier`: a SigmaClassifier for guidance 'classifier'), the requested classes (`labels`, else
-    :func:`~torchdiffusion.guidance.requested_labels` of spec.class_label), clipping for images, sigmas, and the
-    sampler with its options."""
+                  labels: torch.Tensor | None = None, device="cpu", latent: bool = False) -> SamplingPlan:
+    """Guidance (`classifier`: a SigmaClassifier for guidance 'classifier'; for 'embedded' the scale is bound as
+    the network's guidance_scale input), the requested classes (`labels`, else
+    :func:`~torchdiffusion.guidance.requested_labels` of spec.class_label), clipping for images (not for `latent`
+    samples, which are decoded first), sigmas (spec.sigmas when given), and the sampler with its options."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     options = sampler_options(spec)
@@ -139,33 +144,42 @@ def plan_sampling(denoiser: Denoiser, shape: tuple, spec: SampleConfig, *, n: in
         labels = requested_labels(n, spec.class_label, spec.guidance, k)  # (n,) or None
     elif labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    clip = spec.clip_x0 and len(shape) == 3
+    clip = spec.clip_x0 and len(shape) == 3 and not latent
     if clip:
         guided = ClampX0(guided)
-    sigmas = get_sigmas(denoiser.schedule, spec.steps, spec.spacing).to(device)
-    return SamplingPlan(guided, sigmas, get_sampler(spec.sampler), options, labels, clip)
+    schedule = getattr(denoiser, "schedule", None)
+    if schedule is None and not spec.sigmas:
+        raise ValueError("this denoiser declares no schedule to space the noise levels by: give them (sigmas=...)")
+    sigmas = get_sigmas(schedule, spec.steps, spec.spacing, sigmas=spec.sigmas or None).to(device)
+    extra = {"guidance_scale": torch.full((n,), float(spec.guidance_scale))} if spec.guidance == "embedded" else {}
+    return SamplingPlan(guided, sigmas, get_sampler(spec.sampler), options, labels, clip, extra)
 
 
 def generate(denoiser: Denoiser, shape: tuple, spec: SampleConfig | None = None, *, n: int | None = None,
              classifier=None, labels: torch.Tensor | None = None, cond: dict | None = None, device="cpu",
-             progress: bool = False, callback=None, **changes) -> torch.Tensor:
+             progress: bool = False, callback=None, decode: Callable | None = None, **changes) -> torch.Tensor:
     """Draw n (default spec.n) samples of `shape` (per example) as `spec` says; keyword `changes` replace fields of
     `spec` (e.g. ``generate(d, (1, 28, 28), sampler="ddim", steps=20, n=16)``). Sample i starts from noise of
     generator (seed, i), so results do not depend on the batch size. `cond`: other per-sample conditioning tensors
     (n, ...), e.g. a super-resolution net's low_res and low_res_sigma. `callback` is passed to the sampler for
-    every batch. Returns float32 (n, *shape) on the CPU."""
+    every batch. `decode`: for a model on latents (shape is the latent's), the decoder applied to every batch
+    (then clip_x0 clamps the decoded images). Returns float32 (n, *shape) on the CPU (decoded: the images)."""
     spec = dataclasses.replace(spec or SampleConfig(), **changes)
     n = spec.n if n is None else n
-    plan = plan_sampling(denoiser, shape, spec, n=n, classifier=classifier, labels=labels, device=device)
+    plan = plan_sampling(denoiser, shape, spec, n=n, classifier=classifier, labels=labels, device=device,
+                         latent=decode is not None)
     out = []
     starts = range(0, n, spec.batch_size)
     if progress:
-        starts = tqdm(starts, desc=f"sampling ({spec.sampler}, {spec.steps} steps)", unit="batch")
+        starts = tqdm(starts, desc=f"sampling ({spec.sampler}, {len(plan.sigmas) - 1} steps)", unit="batch")
     for start in starts:
         b = min(spec.batch_size, n - start)
         gens = sample_generators(spec.seed, b, offset=start)
         x = randn((b, *shape), generator=gens, device=device) * plan.sigmas[0]
         x = plan.sampler(plan.bind(start, start + b, cond, device), x, plan.sigmas, generator=gens,
                          callback=callback, **plan.options)
+        if decode is not None:
+            x = decode(x)
+            x = x.clamp(-1, 1) if spec.clip_x0 else x
         out.append((x.clamp(-1, 1) if plan.clip else x).float().cpu())
     return torch.cat(out)

@@ -13,6 +13,7 @@ Without the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK) everything runs 
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..utils import check_choice
 
 BACKENDS = ("gloo", "nccl")
+# words of the errors a collective raises when a peer died, stopped answering or closed its connection
+PEER_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "gloo", "nccl")
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,12 @@ def dist_info() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), dist.get_backend())
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join the process group described by torchrun's RANK, WORLD_SIZE and LOCAL_RANK (MASTER_ADDR/PORT set
-    the rendezvous). backend: gloo or nccl (None: nccl when CUDA is available, else gloo). Idempotent; with
-    no WORLD_SIZE or WORLD_SIZE=1 it returns a single-process DistInfo and creates no group."""
+    the rendezvous). backend: gloo or nccl (None: nccl when CUDA is available, else gloo). timeout_s: how long
+    a collective waits for the other processes before it fails (None: torch's default), so that a stopped or
+    frozen peer ends the run with an error instead of hanging it. Idempotent (an existing group is used as it
+    is); with no WORLD_SIZE or WORLD_SIZE=1 it returns a single-process DistInfo and creates no group."""
     if dist.is_available() and dist.is_initialized():
         return dist_info()
     world = _env_int("WORLD_SIZE", 1)
@@ -80,8 +85,16 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     local_rank = _env_int("LOCAL_RANK", 0)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, rank=_env_int("RANK", 0), world_size=world)
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group(backend, rank=_env_int("RANK", 0), world_size=world, **timeout)
     return dist_info()
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process died, froze or timed out."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in PEER_FAILURE_WORDS)
 
 
 def barrier(info: DistInfo) -> None:
@@ -107,6 +120,15 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device | str = "cpu
     return bool(t.item())
 
 
+def any_flag(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
+    """Whether `flag` is set on any process (so that all stop at the same step when one is asked to)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def wrap_ddp(net: nn.Module, info: DistInfo) -> nn.Module:
     """DistributedDataParallel around `net` when world_size > 1 (else `net`). Parameters are broadcast from
     rank 0 at construction; gradients are all-reduced (averaged) in buckets during backward."""
@@ -126,5 +148,5 @@ def per_rank_batch(batch_size: int, info: DistInfo, grad_accum: int = 1) -> int:
     return local
 
 
-__all__ = ["DistInfo", "dist_info", "init_distributed", "barrier", "all_mean", "broadcast_flag", "wrap_ddp",
-           "per_rank_batch", "BACKENDS"]
+__all__ = ["DistInfo", "dist_info", "init_distributed", "barrier", "all_mean", "broadcast_flag", "any_flag",
+           "wrap_ddp", "per_rank_batch", "is_peer_failure", "BACKENDS"]

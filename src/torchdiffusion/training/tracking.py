@@ -7,6 +7,7 @@ scalars are encoded here (Event{wall_time, step, file_version | summary}, Summar
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import time
@@ -121,7 +122,26 @@ class ScalarWriter:
 
 
 def read_metrics(log_dir: str | Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` (none if the folder or file is missing). A line that is not a JSON record
+    with a step, such as the partial last line of a process killed while writing it, is skipped."""
     p = Path(log_dir) / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    out = []
+    for line in p.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append(record)
+    return out
+
+
+def rewrite_metrics(log_dir: str | Path, records: list[dict]) -> None:
+    """Replace ``metrics.jsonl`` by `records` atomically (a temporary file renamed over it), creating the folder."""
+    d = Path(log_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in records))
+    os.replace(tmp, d / "metrics.jsonl")

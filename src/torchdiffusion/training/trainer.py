@@ -2,20 +2,27 @@
 
 It holds no diffusion math: each step is ``loss = objective(module, x0, cond)`` with the module and objective
 that :mod:`torchdiffusion.build` makes for the run's task. A run lives in ``out_dir/name``: ``config.yaml``,
-``checkpoints/{last,best}.safetensors`` and ``logs/`` (JSON lines and a TensorBoard event file); pictures and
-evaluations come from hooks (:class:`Hook`, e.g. :func:`torchdiffusion.app.hooks.standard_hooks`), so the trainer
-imports neither. Starting a run whose folder holds a last checkpoint of the same configuration continues it
-exactly: same data order, same random streams, same weights as a run that was never interrupted.
+``checkpoints/{last,best}.safetensors`` (and the ``train.keep_last`` earlier lasts as ``step_<step>.safetensors``)
+and ``logs/`` (JSON lines and a TensorBoard event file); pictures and evaluations come from hooks (:class:`Hook`,
+e.g. :func:`torchdiffusion.app.hooks.standard_hooks`), so the trainer imports neither.
+
+Starting a run whose folder holds a checkpoint of the same configuration continues it exactly: same data order,
+same random streams, same weights as a run that was never interrupted. That holds after a stop by Ctrl-C or
+SIGTERM too: the loop reads the signal at a clean point (the step in progress, its log line, hooks and due
+checkpoint done) and saves there (:class:`~torchdiffusion.training.guard.StopSignals`); hooks and validation
+run on a copy of the random stream, so they never shift training. While it trains, a process holds the run
+folder's lock (:class:`~torchdiffusion.training.guard.RunLock`). A step whose gradient norm (or, in one
+process, loss) is NaN or infinite updates nothing; more than ``train.nonfinite_skips`` of them in a row stop
+the run with :class:`NonFiniteLossError`, without writing a checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import signal
+import os
+import shutil
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,20 +32,41 @@ from torch import nn
 
 from tqdm.auto import tqdm
 
-from ..build import build_module, build_objective, build_schedule, net_input_shape, num_classes, task_of
-from ..checkpoint import CheckpointError, load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
-from ..config import RunConfig, dump_config, to_dict, upgrade_config
-from ..data import EpochSampler, make_dataset
+from ..build import (build_dataset, build_module, build_objective, build_schedule, net_input_shape, num_classes,
+                     task_of)
+from ..checkpoint import (CheckpointError, check_tensors, load_checkpoint, meta_field, optimizer_from_flat,
+                          optimizer_to_flat, read_meta, remove_stale_temp_files, save_checkpoint)
+from ..config import RunConfig, dump_config, to_dict, upgrade_config, validate
+from ..data import EpochSampler
 from ..utils import check_choice, hash_seed, sample_generators
-from .distributed import all_mean, barrier, broadcast_flag, init_distributed, per_rank_batch, wrap_ddp
-from .tracking import ScalarWriter, read_metrics
+from .distributed import (all_mean, any_flag, barrier, broadcast_flag, init_distributed, is_peer_failure,
+                          per_rank_batch, wrap_ddp)
+from .guard import RunLock, RunLockError, StopSignals, describe_holder
+from .tracking import ScalarWriter, read_metrics, rewrite_metrics
 
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 # fields that may change between a run and its continuation; every other field must match
 RESUMABLE_CHANGES = {"name", "out_dir", "sample", "train.steps", "train.max_minutes", "train.log_every",
                      "train.sample_every", "train.ckpt_every", "train.threads", "train.grad_accum",
-                     "train.compile", "train.eval_every", "train.eval_samples"}
+                     "train.compile", "train.eval_every", "train.eval_samples", "train.keep_last",
+                     "train.nonfinite_skips", "train.dist_timeout_s"}
+LAST = "last.safetensors"
+KEPT = "step_{:07d}.safetensors"  # an earlier last, kept when a newer one replaces it (train.keep_last)
+LOG_LINE_EVERY_S = 15             # without a progress bar, a status line at most this often
+VAL_SEED = 0xFA11                 # the generators of the validation batch (data draws, objective's own levels)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient more often in a row than train.nonfinite_skips."""
+
+
+class PeerFailure(RuntimeError):
+    """Another data-parallel process died, froze or stopped answering within train.dist_timeout_s."""
+
+
+class _StopRequested(KeyboardInterrupt):
+    """A stop signal reached the loop at a clean point (saved there, then raised on as a KeyboardInterrupt)."""
 
 
 class Hook:
@@ -85,18 +113,6 @@ class EMA:
         self.updates += 1
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _interrupt_on_sigterm():
-    """Treat SIGTERM (a `kill`, a scheduler's preemption) like Ctrl-C, so the loop saves a checkpoint first.
-    Returns the previous handler, or None where handlers cannot be set (not the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
 def lr_at(step: int, cfg) -> float:
     """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr_ratio * lr (or constant)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
@@ -131,37 +147,61 @@ def config_differences(a: dict, b: dict) -> list[str]:
             diffs.append(f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}")
     return diffs
 
+class _LossWindow:
+    """The training losses since the last log line, summed on the device (no host sync before the log step)."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), device=device)
+        self.n, self.steps, self.since = 0, 0, time.time()
+        self.last_line = 0.0  # when the last status line was printed
+
+    def add(self, loss: torch.Tensor, counted: bool) -> None:
+        """One step; its loss enters the mean unless the step was skipped (`counted` False)."""
+        if counted:
+            self.sum += loss
+            self.n += 1
+        self.steps += 1
+
+    def reset(self, now: float) -> None:
+        self.sum.zero_()
+        self.n, self.steps, self.since = 0, 0, now
+
 
 class Trainer:
     """Train the configured model on the configured data. `fit()` runs to cfg.train.steps (or max_minutes)."""
 
     def __init__(self, cfg: RunConfig, *, dataset=None, resume: bool = True, progress: bool | None = None,
                  log_lines: bool = False, device: str | torch.device | None = None, hooks=()):
-        t = cfg.train
-        self.task = task_of(cfg)
-        self.hooks = list(hooks)
+        t = validate(cfg).train
         check_choice("train.precision", t.precision, PRECISIONS)
         check_choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-        for name in ("steps", "batch_size"):
-            if getattr(t, name) < 1:
-                raise ValueError(f"train.{name} must be at least 1, got {getattr(t, name)}")
-        self.cfg = cfg
+        self.cfg, self.task, self.hooks = cfg, task_of(cfg), list(hooks)
         # data parallel under torchrun (a single process otherwise): rank 0 validates, samples, logs, saves
-        self.dist = init_distributed()
+        self.dist = init_distributed(timeout_s=t.dist_timeout_s)
         self.local_batch = per_rank_batch(t.batch_size, self.dist, t.grad_accum)
         self.device = torch.device(device) if device is not None else self.dist.device()
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
-        self.log_lines = log_lines  # without a progress bar, print a status line every 15 s
+        self.log_lines = log_lines  # without a progress bar, print a status line every LOG_LINE_EVERY_S
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-
-        self.data = dataset if dataset is not None else make_dataset(
-            cfg.data.dataset, split="train", image_size=cfg.data.image_size, subset=cfg.data.subset)
+        self.data = dataset if dataset is not None else build_dataset(cfg, "train", progress=self.progress)
         self._check_data_matches_model()
         self.val = self._validation_batch()
+        self._build_parts()
+        self.step, self.best_val, self.resumed_from = 0, math.inf, None
+        self.nonfinite_in_a_row = 0  # consecutive skipped steps (train.nonfinite_skips)
+        self.skipped_last_step = False
+        self._last_on_disk = None    # the step of checkpoints/last.safetensors, when this run knows it
+        self._stop = StopSignals()   # replaced by an installed one while fit() runs
+        self.lock = None
+        self._commit()
+        self._open_run(resume)
 
+    def _build_parts(self) -> None:
+        """Schedule, module, objective, EMA, DDP / torch.compile wrappers, AdamW and the batch order."""
+        cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(hash_seed(t.seed, 0))  # initialisation
         self.schedule = build_schedule(cfg)
         self.module = build_module(cfg, schedule=self.schedule).to(self.device)
@@ -180,17 +220,6 @@ class Trainer:
         self.sampler = EpochSampler(len(self.data), t.batch_size, seed=hash_seed(t.seed, 1), rank=self.dist.rank,
                                     world_size=self.dist.world_size)
         self._seed_dropout(0)
-        self.step = 0
-        self.best_val = math.inf
-        self.resumed_from = None
-        if (self.ckpt_dir / "last.safetensors").exists():
-            if resume:
-                self._resume(self.ckpt_dir / "last.safetensors")
-            elif self.dist.is_main:  # start over, but keep the earlier run: move it aside rather than overwrite it
-                aside = self.run_dir.with_name(f"{self.run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-                self.run_dir.rename(aside)
-                print(f"starting over: the earlier run in {self.run_dir} was moved to {aside}", file=sys.stderr)
-        barrier(self.dist)
 
     # ------------------------------------------------------------------------------------------ setup
     @property
@@ -206,8 +235,9 @@ class Trainer:
         want = net_input_shape(self.cfg)
         got = tuple(self.data.sample_shape)
         if want != got:
-            hint = ("set model.unet.image_size / model.unet.in_channels, or data.image_size to resize"
-                    if self.is_image else "set model.mlp.dim")
+            kind = self.cfg.model.kind
+            hint = (f"set model.{kind}.image_size / model.{kind}.in_channels, or data.image_size to resize"
+                    if self.is_image else f"set model.{kind}.dim")
             raise ValueError(f"the data {self.cfg.data.dataset!r} has examples of shape {got} but the network "
                              f"expects {want}: {hint}")
         nc = num_classes(self.cfg)
@@ -218,11 +248,17 @@ class Trainer:
         """A fixed batch with fixed noise levels and noise: the loss on it picks the best checkpoint."""
         n = min(256, len(self.data))
         idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(12345))[:n]
-        x0, y = self.data.batch(idx)
+        x0, y, extra = self._batch(idx, generator=sample_generators(VAL_SEED, n))
         g = torch.Generator().manual_seed(54321)
         sigma = build_schedule(self.cfg).sample_sigmas(n, generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        return x0, y, sigma, noise
+        return x0, y, sigma, noise, extra
+
+    def _batch(self, indices, **kwargs) -> tuple:
+        """(x0, labels or None, extra conditioning {name: (N, ...)}): a data set's batch may carry per-example
+        inputs of the objective beside the labels (e.g. a reflow coupling's noise)."""
+        out = self.data.batch(indices, **kwargs)
+        return out[0], out[1], (out[2] if len(out) > 2 else {})
 
     def _seed_dropout(self, step: int) -> None:
         """Seed the global torch stream (dropout) per process; the data, augmentation and noise do not use it."""
@@ -243,43 +279,196 @@ class Trainer:
     def _cond(self, y):
         return {"class_labels": y} if num_classes(self.cfg) is not None else {}
 
+    # ------------------------------------------------------------------------------------ the run folder
+    def _open_run(self, resume: bool) -> None:
+        """Rank 0 takes the run lock, deletes the temporary files of killed checkpoint writes and (resume=False)
+        moves an earlier run aside; then every process continues from the run's newest checkpoint (resume)."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self._lock_run(resume)
+            except Exception as e:  # the other processes must learn of it rather than wait at the barrier
+                error = e
+        if broadcast_flag(error is not None, self.dist, self.device):
+            raise error if error is not None else RunLockError(f"rank 0 could not open {self.run_dir}; see its error")
+        source = self._resume_source() if resume else None
+        if source is not None:
+            self._resume(source)
+        barrier(self.dist)
+
+    def _lock_run(self, resume: bool) -> None:
+        try:
+            self.lock = RunLock.acquire(self.run_dir)
+        except OSError as e:
+            raise RunLockError(f"cannot create or lock the run folder {self.run_dir} ({e.strerror or e}); choose a "
+                               "writable out_dir=...") from None
+        if self.lock.stale:
+            print(f"note: took over the lock of {self.run_dir} from a run that ended without releasing it "
+                  f"({describe_holder(self.lock.stale)})", file=sys.stderr)
+        files, size = remove_stale_temp_files(self.ckpt_dir)
+        if files:
+            print(f"note: deleted {files} temporary file(s) ({size / 1e6:.1f} MB) of interrupted checkpoint writes "
+                  f"in {self.ckpt_dir}", file=sys.stderr)
+        if not resume and self._checkpoint_files():
+            self._move_aside()
+
+    def _move_aside(self) -> None:
+        """Start over, but keep the earlier run: rename its folder (the lock goes with it) and lock a new one."""
+        aside = self.run_dir.with_name(f"{self.run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir.rename(aside)
+        self.lock.moved_to(aside)
+        earlier, self.lock = self.lock, RunLock.acquire(self.run_dir)
+        earlier.release()
+        print(f"starting over: the earlier run in {self.run_dir} was moved to {aside}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Give the run lock back (fit() does at its end)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _checkpoint_files(self) -> list[Path]:
+        return sorted(self.ckpt_dir.glob("*.safetensors")) if self.ckpt_dir.is_dir() else []
+
+    def _resume_source(self) -> Path | None:
+        """last.safetensors; where it is missing (deleted after it was damaged), the newest other checkpoint of
+        the run (best or a kept earlier last), with a notice; None for a new run."""
+        last = self.ckpt_dir / LAST
+        if last.exists():
+            return last
+        found = []
+        for p in self._checkpoint_files():
+            with contextlib.suppress(CheckpointError):
+                found.append((meta_field(read_meta(p), "step", int, p), p))
+        if not found:
+            return None
+        step, path = max(found)
+        if self.dist.is_main:
+            print(f"note: {self.ckpt_dir} has no {LAST}; continuing the run from {path.name} (step {step})",
+                  file=sys.stderr)
+        return path
+
     # ------------------------------------------------------------------------------------ checkpoints
-    def _save(self, name: str, extra: dict | None = None) -> Path:
+    def _commit(self) -> None:
+        """Record the data position and random stream of the last completed step: what a checkpoint stores,
+        wherever the process is when it is written."""
+        self._committed = (self.sampler.state_dict(), torch.get_rng_state())
+
+    def _save(self, name: str) -> Path:
         opt_tensors, opt_meta = optimizer_to_flat(self.opt)
+        data_position, rng = self._committed
         meta = {
             "config": to_dict(self.cfg),
             "step": self.step,
-            "sampler": self.sampler.state_dict(),
+            "sampler": data_position,
             "optimizer": opt_meta,
             "best_val": None if math.isinf(self.best_val) else self.best_val,
             "ema_updates": self.ema.updates,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "data_shape": list(self.data.sample_shape),
             "world_size": self.dist.world_size,
-            **(extra or {}),
+            **({"data": self.data.meta} if hasattr(self.data, "meta") else {}),
+            **(self.task.save_meta(self) if self.task.save_meta is not None else {}),
         }
-        rng = {"torch": torch.get_rng_state()}  # dropout stream of rank 0; noise is seeded per step and example
-        return save_checkpoint(self.ckpt_dir / f"{name}.safetensors", meta=meta, model=self.net.state_dict(),
-                               ema=self.ema.model.state_dict(), optim=opt_tensors, rng=rng)
+        objective_state = self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
+        if name == "last":
+            self._keep_previous_last()
+        try:  # the rng group: the dropout stream of rank 0; noise is seeded per step and example
+            path = save_checkpoint(self.ckpt_dir / f"{name}.safetensors", meta=meta, model=self.net.state_dict(),
+                                   ema=self.ema.model.state_dict(), optim=opt_tensors, rng={"torch": rng},
+                                   objective=objective_state)
+        except CheckpointError as e:
+            raise self._save_error(e) from None
+        if name == "last":
+            self._last_on_disk = self.step
+        return path
+
+    def _save_error(self, e: CheckpointError) -> Exception:
+        if isinstance(e.__cause__, OSError):
+            return CheckpointError(f"step {self.step}: {e}; free some space (or fix the folder) and run the same "
+                                   "command again to continue from the checkpoint on disk")
+        return NonFiniteLossError(f"step {self.step}: {e}. {self._divergence_advice()}")
+
+    def _keep_previous_last(self) -> None:
+        """Before last.safetensors is replaced, keep it as step_<its step>.safetensors (a hard link, no copy) and
+        delete the kept ones beyond the newest train.keep_last."""
+        k, last = self.cfg.train.keep_last, self.ckpt_dir / LAST
+        if k <= 0 or self._last_on_disk in (None, self.step) or not last.exists():
+            return
+        kept = self.ckpt_dir / KEPT.format(self._last_on_disk)
+        if not kept.exists():
+            try:
+                os.link(last, kept)
+            except OSError:  # no hard links on this file system
+                try:
+                    shutil.copyfile(last, kept)
+                except OSError:
+                    kept.unlink(missing_ok=True)
+        for old in sorted(self.ckpt_dir.glob(KEPT.replace("{:07d}", "*")))[:-k]:
+            old.unlink(missing_ok=True)
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict, dict]:
+        """The checkpoint to continue from, with every field this run needs checked (one line naming it)."""
+        try:
+            meta, groups = load_checkpoint(path)
+        except CheckpointError as e:
+            others = [p.name for p in self._checkpoint_files() if p.name != path.name]
+            advice = (f"delete {path.name} to continue from the newest of the others, or pass --no-resume"
+                      if others else "pass --no-resume") + " to start over (the earlier run is moved aside)"
+            raise CheckpointError(f"cannot continue the run in {self.run_dir}: {e}. To go on, {advice}") from None
+        for name, kind in (("config", dict), ("step", int), ("sampler", dict), ("sampler.epoch", int),
+                           ("sampler.position", int), ("optimizer", dict), ("best_val", (float, type(None))),
+                           ("ema_updates", int)):
+            meta_field(meta, name, kind, path)
+        if meta["step"] < 0 or meta["ema_updates"] < 0:
+            raise CheckpointError(f"{path}: the metadata fields 'step' and 'ema_updates' must not be negative")
+        check_tensors("model", groups.get("model", {}), self.net.state_dict(), path)
+        check_tensors("ema", groups.get("ema", {}), self.ema.model.state_dict(), path)
+        rng = groups.get("rng", {}).get("torch")
+        if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+            raise CheckpointError(f"{path}: tensor 'rng.torch' is missing or is not a torch generator state")
+        return meta, groups
 
     def _resume(self, path: Path) -> None:
-        meta, groups = load_checkpoint(path)
+        meta, groups = self._read_checkpoint(path)
         diffs = config_differences(upgrade_config(meta["config"]), to_dict(self.cfg))
         if diffs:
             raise CheckpointError(
                 f"{self.run_dir} holds a run with a different configuration ({'; '.join(diffs[:6])}). "
                 "Choose another name=..., delete that folder, or pass --no-resume to start over in it.")
+        opt_state = optimizer_from_flat(groups.get("optim", {}), meta["optimizer"], self.opt, path)
+        try:
+            self.sampler.load_state_dict(meta["sampler"])  # global position: any world size continues it
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         self.net.load_state_dict(groups["model"])
         self.ema.model.load_state_dict(groups["ema"])
         self.ema.updates = meta["ema_updates"]
-        self.opt.load_state_dict(optimizer_from_flat(groups["optim"], meta["optimizer"]))
-        self.sampler.load_state_dict(meta["sampler"])  # global position: any world size continues it
+        self.opt.load_state_dict(opt_state)
+        self._match_optimizer_layout()
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(groups.get("objective", {}), self.module)
         self.step = meta["step"]
-        if self.dist.world_size == 1 and meta.get("world_size", 1) == 1:
+        self.nonfinite_in_a_row = meta_field(meta, "nonfinite_in_a_row", int, path, default=0)
+        if self.dist.world_size == 1 and meta_field(meta, "world_size", int, path, default=1) == 1:
             torch.set_rng_state(groups["rng"]["torch"])
         else:  # dropout masks cannot follow a change of sharding: reseed per process
             self._seed_dropout(self.step)
         self.best_val = math.inf if meta["best_val"] is None else meta["best_val"]
         self.resumed_from = str(path)
+        self._last_on_disk = self.step if path.name == LAST else None
+        self._commit()
+
+    def _match_optimizer_layout(self) -> None:
+        """Give every optimizer state tensor its parameter's memory format: state read from a checkpoint is
+        contiguous, and the fused AdamW pairs a channels-last parameter with a contiguous moment element by element
+        in storage order, which mixes them up."""
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                for k, v in self.opt.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.shape == p.shape and v.ndim == 4 \
+                            and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous():
+                        self.opt.state[p][k] = v.contiguous(memory_format=torch.channels_last)
 
     # ----------------------------------------------------------------------------------------- pieces
     def autocast(self):
@@ -299,7 +488,8 @@ class Trainer:
         t = self.cfg.train
         n = len(indices)
         gens = self.example_generators(n)
-        x0, y = self.data.batch(indices, generator=gens, flip=self.cfg.data.flip, device=self.device)
+        x0, y, extra = self._batch(indices, generator=gens, flip=self.cfg.data.flip, device=self.device)
+        step = {"step": self.step} if getattr(self.objective, "takes_step", False) else {}
         if t.channels_last and self.is_image:
             x0 = x0.contiguous(memory_format=torch.channels_last)  # (n, C, H, W)
         total = torch.zeros((), device=self.device)
@@ -309,18 +499,14 @@ class Trainer:
             no_sync = self.ddp_net.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
             with no_sync:
                 with self.autocast():
-                    cond = self._cond(None if y is None else y[a:b])
-                    loss = self.objective(self.train_module, x0[a:b], cond, generator=gens[a:b]) * ((b - a) / n)
+                    cond = {**self._cond(None if y is None else y[a:b]), **{k: v[a:b] for k, v in extra.items()}}
+                    loss = self.objective(self.train_module, x0[a:b], cond, generator=gens[a:b], **step) * ((b - a) / n)
                 loss.backward()
             total += loss.detach()
         return total
 
-    def train_step(self, indices) -> torch.Tensor:
-        """One optimizer step on this process's `indices`: gradients (objective + backward, all-reduced), clipping,
-        AdamW, EMA. Returns the loss as a 0-d tensor without synchronising with the device."""
-        t = self.cfg.train
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, t)
+    def _gradients_or_eager(self, indices) -> torch.Tensor:
+        """_gradients, falling back to the eager network once if the compiled one fails at its first call."""
         self.opt.zero_grad(set_to_none=True)
         try:
             loss = self._gradients(indices)
@@ -332,94 +518,97 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss = self._gradients(indices)
         self._compile_pending = False
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip, foreach=True)
-        self.opt.step()
-        self.ema.update(self.net)
-        self.step += 1
         return loss
+
+    def _gradient_norm(self) -> torch.Tensor:
+        """The global gradient norm, the gradients clipped to train.grad_clip when it is set (Pascanu et al. 2013,
+        "On the difficulty of training recurrent neural networks", Algorithm 1)."""
+        if self.cfg.train.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip, foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.net.parameters() if p.grad is not None],
+                                             foreach=True)
+
+    def train_step(self, indices) -> torch.Tensor:
+        """One optimizer step on this process's `indices`: gradients (objective + backward, all-reduced), clipping,
+        AdamW, EMA. A step whose gradient norm (or, in one process, loss) is not finite changes no weight (see
+        _non_finite). Returns the loss as a 0-d tensor; the finite check is the step's one host sync."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.cfg.train)
+        loss = self._gradients_or_eager(indices)
+        norm = self._gradient_norm()
+        finite = torch.isfinite(norm) if self.dist.enabled else torch.isfinite(norm) & torch.isfinite(loss)
+        self.skipped_last_step = not bool(finite)  # the gradient is all-reduced: every process agrees
+        if self.skipped_last_step:
+            self._non_finite(loss, norm)
+        else:
+            self.opt.step()
+            self.ema.update(self.net)
+            if hasattr(self.objective, "after_step"):  # e.g. consistency distillation's target network
+                self.objective.after_step(self.module)
+            self.nonfinite_in_a_row = 0
+        self.step += 1
+        self._commit()
+        return loss
+
+    def _divergence_advice(self) -> str:
+        t = self.cfg.train
+        disk = (f"{LAST} (step {self._last_on_disk}) holds the newest finite weights" if self._last_on_disk is not None
+                else "the checkpoints on disk were left as they were")
+        return (f"Nothing was saved: {disk}. Lower train.lr (now {t.lr:g}), set train.grad_clip (now {t.grad_clip:g}), "
+                f"or let up to K such steps in a row be skipped with train.nonfinite_skips=K (now {t.nonfinite_skips})")
+
+    def _non_finite(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """A step with a NaN or infinite loss or gradient: skipped (batch consumed, no update of the weights, the
+        optimizer or the EMA) up to train.nonfinite_skips times in a row, then NonFiniteLossError."""
+        self.nonfinite_in_a_row += 1
+        k = self.cfg.train.nonfinite_skips
+        what = f"step {self.step + 1}: loss {float(loss):.4g}, gradient norm {float(norm):.4g}"
+        if self.nonfinite_in_a_row > k:
+            skipped = f", after {k} skipped steps in a row" if k else ""
+            raise NonFiniteLossError(f"training diverged at {what} (not finite{skipped}). {self._divergence_advice()}")
+        if self.dist.is_main:
+            print(f"note: skipped {what} ({self.nonfinite_in_a_row} of at most {k} in a row)", file=sys.stderr)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        x0, y, sigma, noise = self.val
-        per = self.objective.per_sample(self.ema_module, x0.to(self.device), self._cond(y), sigma=sigma,
-                                        noise=noise.to(self.device))
+        """The EMA weights' loss on the fixed validation batch (on a copy of the random stream: training's own
+        stream is left where it was)."""
+        x0, y, sigma, noise, extra = self.val
+        cond = {**self._cond(y), **{k: v.to(self.device) for k, v in extra.items()}}
+        with torch.random.fork_rng(devices=[]):
+            per = self.objective.per_sample(self.ema_module, x0.to(self.device), cond, sigma=sigma,
+                                            noise=noise.to(self.device),
+                                            generator=sample_generators(VAL_SEED, len(x0), offset=len(x0)))
         return float(per.mean())
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
+        """Train to train.steps (or train.max_minutes); returns a summary. A stop signal saves the run at a clean
+        point and raises KeyboardInterrupt; the run lock is given back at the end, whatever happens."""
         t = self.cfg.train
-        main = self.dist.is_main
-        log_dir = self.run_dir / "logs"
-        writer = None
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(self.cfg, self.run_dir / "config.yaml")
-            if self.resumed_from:  # drop scalars logged after the checkpoint we continue from
-                kept = [m for m in read_metrics(log_dir) if m["step"] <= self.step]
-                (log_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept))
-            writer = ScalarWriter(log_dir)
+        if self.dist.is_main and self.lock is None:  # a second fit() of this trainer
+            self.lock = RunLock.acquire(self.run_dir)
         start_step, t0 = self.step, time.time()
-        deadline = t0 + 60 * t.max_minutes if t.max_minutes > 0 else math.inf
-        bar = None
-        if self.progress:
-            bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.cfg.name}", unit="step",
-                       dynamic_ncols=True)
-        loss_sum, loss_n, window_t, window_steps = torch.zeros((), device=self.device), 0, time.time(), 0
-        stopped_early, last_line = False, 0.0
-        previous_term = _interrupt_on_sigterm()
+        writer = bar = None
         try:
-            self.net.train()
-            while self.step < t.steps:
-                loss_sum += self.train_step(self.sampler.next_batch())
-                loss_n += 1
-                window_steps += 1
-                if bar is not None:
-                    bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    now = time.time()
-                    loss = float(all_mean(loss_sum, self.dist)) / loss_n  # the one host sync, at log steps
-                    ips = window_steps * t.batch_size / max(now - window_t, 1e-9)
-                    if writer is not None:
-                        writer.add_scalars(self.step, {"loss": loss, "lr": self.opt.param_groups[0]["lr"],
-                                                       "images_per_s": ips})
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
-                    elif self.log_lines and main and now - last_line >= 15:
-                        print(f"step {self.step}/{t.steps}  loss {loss:.4f}  {ips:.0f} img/s  "
-                              f"{now - t0:.0f} s", file=sys.stderr, flush=True)
-                        last_line = now
-                    loss_sum.zero_()
-                    loss_n, window_t, window_steps = 0, now, 0
-                self._run_hooks(writer)
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
-                    self.checkpoint(writer)
-                if self.dist.enabled:  # all processes must stop at the same step: rank 0 decides at log steps
-                    over = self.step % t.log_every == 0 and broadcast_flag(time.time() > deadline, self.dist,
-                                                                           self.device)
-                else:
-                    over = time.time() > deadline
-                if over and self.step < t.steps:
-                    stopped_early = True
-                    break
-        except KeyboardInterrupt:
-            self.checkpoint(writer, sync=False)
-            print(f"\ninterrupted at step {self.step}: saved {self.ckpt_dir / 'last.safetensors'}; "
-                  "run the same command again to continue", file=sys.stderr)
-            raise
+            writer = self._open_logs()
+            if self.progress:
+                bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.cfg.name}", unit="step",
+                           dynamic_ncols=True)
+            with StopSignals(quiet=not self.dist.is_main) as self._stop:
+                stopped_early = self._guarded_loop(writer, bar, t0)
+            elapsed = time.time() - t0
+            if writer is not None:
+                writer.close()
+            if self.dist.is_main:
+                for hook in self.hooks:
+                    hook.end(self)
         finally:
             if bar is not None:
                 bar.close()
-            if previous_term is not None:
-                signal.signal(signal.SIGTERM, previous_term)
-        if stopped_early:
-            self.checkpoint(writer)
-        elapsed = time.time() - t0
-        if writer is not None:
-            writer.close()
-        if main:
-            for hook in self.hooks:
-                hook.end(self)
+            if writer is not None:
+                writer.close()
+            self.close()
         steps_done = self.step - start_step
         return {
             "steps": self.step, "steps_this_run": steps_done, "seconds": elapsed,
@@ -427,24 +616,148 @@ class Trainer:
             "stopped_early": stopped_early, "run_dir": str(self.run_dir),
         }
 
+    def _open_logs(self) -> ScalarWriter | None:
+        """On rank 0: the run folder's config.yaml and the log writer; a continued run first drops the scalars
+        logged after the checkpoint it continues from."""
+        if not self.dist.is_main:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.run_dir / "config.yaml")
+        log_dir = self.run_dir / "logs"
+        if self.resumed_from:
+            rewrite_metrics(log_dir, [m for m in read_metrics(log_dir) if m["step"] <= self.step])
+        return ScalarWriter(log_dir)
+
+    def _guarded_loop(self, writer, bar, t0) -> bool:
+        """The loop, and what an interruption leaves: a stop signal (or a peer failing while one is pending)
+        saves the run where it stands and raises KeyboardInterrupt; a data-parallel peer that died or froze
+        saves it too and raises PeerFailure; a forced stop (a second signal) saves nothing."""
+        try:
+            stopped_early = self._loop(writer, bar, t0)
+            if stopped_early:
+                self.checkpoint(writer)
+            return stopped_early
+        except KeyboardInterrupt as e:
+            saved = self._save_interrupted(writer) if isinstance(e, _StopRequested) else "stopped at once, not saved"
+            self._say(f"\ninterrupted at step {self.step}: {saved}; run the same command again to continue")
+            raise
+        except Exception as e:
+            if not (self.dist.enabled and is_peer_failure(e)):
+                raise
+            saved = self._save_interrupted(writer)
+            if self._stop.requested:
+                self._say(f"\ninterrupted at step {self.step}: {saved}; run the same command again to continue")
+                raise _StopRequested(f"signal {self._stop.signum}") from e
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise PeerFailure(f"rank {self.dist.rank}: another process died or stopped answering within "
+                              f"train.dist_timeout_s={self.cfg.train.dist_timeout_s:g} s at step {self.step} "
+                              f"({cause}); {saved}. Run the same command again to continue; raise "
+                              "train.dist_timeout_s if a process was only slow") from e
+
+    def _say(self, line: str) -> None:
+        if self.dist.is_main:
+            print(line, file=sys.stderr, flush=True)
+
+    def _save_interrupted(self, writer) -> str:
+        """On rank 0: the run as it stands, the checkpoint that was due at this step included (so that `best`
+        and the continuation are those of an uninterrupted run). Returns what happened, in words."""
+        if not self.dist.is_main:
+            return "rank 0 saves the run"
+        last = self.ckpt_dir / LAST
+        if self._last_on_disk == self.step and last.exists():
+            return f"saved {last}"
+        try:
+            if self._checkpoint_due():
+                self._checkpoint(writer)
+            else:
+                self._save("last")
+        except (CheckpointError, NonFiniteLossError) as e:
+            return f"could not save ({e})"
+        return f"saved {last}"
+
+    def _checkpoint_due(self) -> bool:
+        t = self.cfg.train
+        return bool(t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps
+
+    def _loop(self, writer, bar, t0) -> bool:
+        """Steps to train.steps (returns False) or to the time budget (True): the log line, the hooks and the
+        checkpoint when due, and a stop signal read at the top of each step and between hooks."""
+        t = self.cfg.train
+        deadline = t0 + 60 * t.max_minutes if t.max_minutes > 0 else math.inf
+        window = _LossWindow(self.device)
+        self.net.train()
+        while self.step < t.steps:
+            self._check_stop(every_process=True)
+            window.add(self.train_step(self.sampler.next_batch()), counted=not self.skipped_last_step)
+            if bar is not None:
+                bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self._log(writer, bar, window, t0)
+            self._run_hooks(writer)
+            if self._checkpoint_due():
+                self.checkpoint(writer)
+            if self._out_of_time(deadline) and self.step < t.steps:
+                return True
+        return False
+
+    def _check_stop(self, every_process: bool = False) -> None:
+        """Raise _StopRequested if a stop signal came. With several processes the check is made at the top of
+        each step by all of them together (a signal to any stops all at the same step); elsewhere (between
+        hooks, on rank 0 alone) only a single process checks."""
+        if self.dist.enabled:
+            requested = every_process and any_flag(self._stop.requested, self.dist, self.device)
+        else:
+            requested = self._stop.requested
+        if requested:
+            raise _StopRequested(f"signal {self._stop.signum}")
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """Past the time budget; with several processes rank 0 decides, at log steps, so all stop together."""
+        if self.dist.enabled:
+            return self.step % self.cfg.train.log_every == 0 and broadcast_flag(time.time() > deadline, self.dist,
+                                                                                self.device)
+        return time.time() > deadline
+
+    def _log(self, writer, bar, window: _LossWindow, t0: float) -> None:
+        """The mean loss of the window over all processes (the one host sync of a log step), lr and speed."""
+        t = self.cfg.train
+        now = time.time()
+        total = float(all_mean(window.sum, self.dist))
+        loss = total / window.n if window.n else math.nan
+        ips = window.steps * t.batch_size / max(now - window.since, 1e-9)
+        terms = {k: float(v) for k, v in getattr(self.objective, "last_terms", {}).items() if k != "loss"}
+        if writer is not None:
+            writer.add_scalars(self.step, {"loss": loss, "lr": self.opt.param_groups[0]["lr"], "images_per_s": ips,
+                                           **terms})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+        elif self.log_lines and self.dist.is_main and now - window.last_line >= LOG_LINE_EVERY_S:
+            print(f"step {self.step}/{t.steps}  loss {loss:.4f}  {ips:.0f} img/s  {now - t0:.0f} s", file=sys.stderr,
+                  flush=True)
+            window.last_line = now
+        window.reset(now)
+
     def _run_hooks(self, writer: ScalarWriter | None) -> None:
-        """The hooks due at this step, on the main process with the network in eval mode; scalars they return
-        are logged. The other processes wait at a barrier."""
+        """The hooks due at this step, on the main process with the network in eval mode and on a copy of the
+        random stream (they never shift training); scalars they return are logged; a stop signal is read after
+        each. The other processes wait at a barrier."""
         due = [h for h in self.hooks if h.every and self.step % h.every == 0]
         if not due:
             return
         self.net.eval()
         if self.dist.is_main:
-            for hook in due:
-                scalars = hook(self)
-                if scalars and writer is not None:
-                    writer.add_scalars(self.step, scalars)
+            with torch.random.fork_rng(devices=[]):
+                for hook in due:
+                    scalars = hook(self)
+                    if scalars and writer is not None:
+                        writer.add_scalars(self.step, scalars)
+                    self._check_stop()
         self.net.train()
         barrier(self.dist)
 
     def checkpoint(self, writer: ScalarWriter | None = None, sync: bool = True) -> None:
         """Validation loss with the EMA weights, then last (and best, if it improved) checkpoints; on rank 0
-        only, the other processes wait at a barrier (sync=False: no barrier, for an interrupted run)."""
+        only, the other processes wait at a barrier (sync=False: no barrier)."""
         if self.dist.is_main:
             self._checkpoint(writer)
         if sync:
