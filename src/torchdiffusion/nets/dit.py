@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import check_choice
-from .embeddings import TimeEmbedding, add_guidance_embedding, as_time_vector, class_embedding, sincos_position_embedding_2d
+from .embeddings import (TimeEmbedding, add_guidance_embedding, add_interval_embedding, as_time_vector, class_embedding,
+                         sincos_position_embedding_2d)
 from .transformer import Attention, Block, CrossAttention, Mlp, NullContext, check_patch_grid, unpatchify
 
 Size = Union[int, Sequence[int]]
@@ -70,6 +71,7 @@ class DiTConfig:
     conditioning: str = "adaln_zero"          # adaln_zero, adaln, in_context or cross_attention
     num_classes: Optional[int] = None         # class-conditional when set; row num_classes is the null class
     guidance_embed: bool = False              # take the guidance scale as an input (latent consistency students)
+    interval_embed: bool = False              # take a second time input, the interval t - r (MeanFlow students)
     learn_sigma: bool = False                 # 2 C output channels (the paper's learned variance); D uses the first C
     context_dim: Optional[int] = None         # width of a context sequence to attend to (None: no context)
     decoder_depth: int = 0                    # MaskDiT decoder blocks after the encoder (0: none)
@@ -175,6 +177,7 @@ class DiT(nn.Module):
         conditioning: str = "adaln_zero",         # adaln_zero, adaln, in_context, cross_attention
         num_classes: Optional[int] = None,        # number of classes (None: unconditional)
         guidance_embed: bool = False,             # embed a guidance_scale input (LCM students)
+        interval_embed: bool = False,             # embed an interval input t - r (MeanFlow students)
         learn_sigma: bool = False,                # 2 C output channels
         context_dim: Optional[int] = None,        # context width (None: no context)
         decoder_depth: int = 0,                   # MaskDiT decoder blocks
@@ -198,6 +201,7 @@ class DiT(nn.Module):
         self.time_embed = TimeEmbedding(time_freq_dim, dim)
         self.class_embed = nn.Embedding(num_classes + 1, dim) if num_classes is not None else None
         self.guidance_embed = TimeEmbedding(time_freq_dim, dim) if guidance_embed else None
+        self.interval_embed = TimeEmbedding(time_freq_dim, dim) if interval_embed else None
         self.context_in = NullContext(context_dim, "model.dit") if context_dim else None
         self.context_proj = nn.Linear(context_dim, dim) if context_dim else None
         self.blocks = nn.ModuleList(self._block(dim, heads, mlp_ratio, context_dim) for _ in range(depth))
@@ -245,6 +249,9 @@ class DiT(nn.Module):
             if m is not None:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.interval_embed is not None:  # like the time embedding; last, so the other draws stay as they were
+            for lin in (self.interval_embed.mlp[0], self.interval_embed.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02)
 
     @classmethod
     def from_config(cls, cfg: DiTConfig) -> "DiT":
@@ -258,11 +265,13 @@ class DiT(nn.Module):
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                token_mask: Optional[torch.Tensor] = None, return_variance: bool = False, guidance_scale=None):
+                token_mask: Optional[torch.Tensor] = None, return_variance: bool = False, guidance_scale=None,
+                interval=None):
         n = x.shape[0]
         self._check_input(x)
         t_emb = self.time_embed(as_time_vector(t, n, x.device))  # (N, D)
         t_emb = add_guidance_embedding(t_emb, self.guidance_embed, guidance_scale)  # (N, D): w joins time
+        t_emb = add_interval_embedding(t_emb, self.interval_embed, interval)  # (N, D): so does t - r
         y_emb = class_embedding(self.class_embed, class_labels, self.num_classes, n, x.device)  # (N, D) or None
         c = t_emb if y_emb is None else t_emb + y_emb  # (N, D)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)

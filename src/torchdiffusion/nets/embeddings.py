@@ -78,6 +78,20 @@ def add_guidance_embedding(emb: torch.Tensor, guidance_embed, guidance_scale) ->
     return emb + guidance_embed(GUIDANCE_EMBED_SCALE * s)
 
 
+def add_interval_embedding(emb: torch.Tensor, interval_embed, interval) -> torch.Tensor:
+    """emb + interval_embed(d) for a net with a second time input, the interval d = t - r (N,) in the units of its
+    time t (a MeanFlow student's average velocity u(z_t, r, t) is conditioned on (t, t - r); Geng et al. 2025,
+    sec. 4.3); a net without that input refuses it, and one with it needs it."""
+    if interval_embed is None:
+        if interval is not None:
+            raise ValueError("interval given but the net was built with interval_embed=False")
+        return emb
+    if interval is None:
+        raise ValueError("this net takes a second time input (interval_embed=True): pass interval (t - r), e.g. "
+                         "through a MeanFlow denoiser (torchdiffusion.fewstep.meanflow)")
+    return emb + interval_embed(as_time_vector(interval, emb.shape[0], emb.device))
+
+
 def class_embedding(class_embed, class_labels, num_classes, n: int, device) -> torch.Tensor | None:
     """class_embed(labels) (N, D) for a class-conditional net (labels None: the null class, row num_classes);
     None for an unconditional net (class_embed None), which refuses labels."""

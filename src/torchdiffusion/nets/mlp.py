@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embeddings import TimeEmbedding, add_class_embedding, add_guidance_embedding, as_time_vector
+from .embeddings import (TimeEmbedding, add_class_embedding, add_guidance_embedding, add_interval_embedding,
+                         as_time_vector)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class MLPConfig:
     num_classes: Optional[int] = None   # class-conditional when set; row num_classes is the null class
     dropout: float = 0.0                # dropout inside the blocks
     guidance_embed: bool = False        # take the guidance scale as an input (latent consistency students)
+    interval_embed: bool = False        # take a second time input, the interval t - r (MeanFlow students)
 
     def replace(self, **changes) -> "MLPConfig":
         return replace(self, **changes)
@@ -65,14 +67,17 @@ class MLPDenoiserNet(nn.Module):
         num_classes: Optional[int] = None,  # number of classes (None: unconditional)
         dropout: float = 0.0,               # dropout in the blocks
         guidance_embed: bool = False,       # embed a guidance_scale input (LCM students)
+        interval_embed: bool = False,       # embed an interval input t - r (MeanFlow students)
     ):
         super().__init__()
-        self.config = MLPConfig(dim, hidden, num_blocks, time_embed_dim, num_classes, dropout, guidance_embed)
+        self.config = MLPConfig(dim, hidden, num_blocks, time_embed_dim, num_classes, dropout, guidance_embed,
+                                interval_embed)
         self.dim = dim
         self.num_classes = num_classes
         self.time_embed = TimeEmbedding(time_embed_dim, hidden)
         self.class_embed = nn.Embedding(num_classes + 1, hidden) if num_classes is not None else None
         self.guidance_embed = TimeEmbedding(time_embed_dim, hidden) if guidance_embed else None
+        self.interval_embed = TimeEmbedding(time_embed_dim, hidden) if interval_embed else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList([ResMLPBlock(hidden, hidden, dropout) for _ in range(num_blocks)])
         self.norm_out = nn.LayerNorm(hidden)
@@ -85,12 +90,13 @@ class MLPDenoiserNet(nn.Module):
         return cls(**asdict(cfg))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
-                guidance_scale=None) -> torch.Tensor:
+                guidance_scale=None, interval=None) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLPDenoiserNet expects input of shape (N, {self.dim}), got {tuple(x.shape)}")
         emb = self.time_embed(as_time_vector(t, x.shape[0], x.device))  # (N, hidden)
         emb = add_class_embedding(emb, self.class_embed, class_labels, self.num_classes)  # (N, hidden)
         emb = add_guidance_embedding(emb, self.guidance_embed, guidance_scale)  # (N, hidden)
+        emb = add_interval_embedding(emb, self.interval_embed, interval)  # (N, hidden)
         emb = F.silu(emb)
         h = self.inp(x)  # (N, hidden)
         for block in self.blocks:

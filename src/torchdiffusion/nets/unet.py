@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import check_choice
-from .embeddings import TimeEmbedding, add_class_embedding, add_guidance_embedding, as_time_vector
+from .embeddings import (TimeEmbedding, add_class_embedding, add_guidance_embedding, add_interval_embedding,
+                         as_time_vector)
 from .transformer import CrossAttention, NullContext, attention
 
 Size = Union[int, Sequence[int]]
@@ -107,6 +108,7 @@ class UNetConfig:
     scale_shift: bool = True                  # FiLM (ADM scale-shift norm) instead of adding the embedding
     num_classes: Optional[int] = None         # class-conditional when set; row num_classes is the null class
     guidance_embed: bool = False              # take the guidance scale as an input (latent consistency students)
+    interval_embed: bool = False              # take a second time input, the interval t - r (MeanFlow students)
     time_embed_mult: int = 4                  # time-embedding width = time_embed_mult * channels
     norm_groups: int = 32                     # GroupNorm groups (reduced to gcd with the width)
     zero_init_residual: bool = True           # zero the last conv of each block and attention output (ADM)
@@ -487,6 +489,7 @@ class UNet(nn.Module):
         scale_shift: bool = True,                 # FiLM conditioning in residual blocks
         num_classes: Optional[int] = None,        # number of classes (None: unconditional)
         guidance_embed: bool = False,             # embed a guidance_scale input (LCM students)
+        interval_embed: bool = False,             # embed an interval input t - r (MeanFlow students)
         time_embed_mult: int = 4,                 # embedding width = time_embed_mult * channels
         norm_groups: int = 32,                    # GroupNorm groups
         zero_init_residual: bool = True,          # blocks start as the identity
@@ -518,6 +521,7 @@ class UNet(nn.Module):
         self.time_embed = TimeEmbedding(channels, emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
         self.guidance_embed = TimeEmbedding(channels, emb_dim) if guidance_embed else None
+        self.interval_embed = TimeEmbedding(channels, emb_dim) if interval_embed else None
         self.cond_channels = cond_channels
         self.cond_sigma_embed = TimeEmbedding(channels, emb_dim) if cond_channels else None
         self.context_in = NullContext(context_dim, "model.unet") if context_dim else None
@@ -627,11 +631,12 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                 low_res: Optional[torch.Tensor] = None, low_res_sigma=None, context: Optional[torch.Tensor] = None,
-                context_mask: Optional[torch.Tensor] = None, guidance_scale=None) -> torch.Tensor:
+                context_mask: Optional[torch.Tensor] = None, guidance_scale=None, interval=None) -> torch.Tensor:
         self._check_input(x)
         emb = self.time_embed(as_time_vector(t, x.shape[0], x.device))  # (N, E)
         emb = add_class_embedding(emb, self.class_embed, class_labels, self.num_classes)  # (N, E)
         emb = add_guidance_embedding(emb, self.guidance_embed, guidance_scale)  # (N, E)
+        emb = add_interval_embedding(emb, self.interval_embed, interval)  # (N, E)
         if self.cond_channels:
             x, emb = self._add_low_res(x, emb, low_res, low_res_sigma)  # (N, C_in + C_cond, H, W)
         elif low_res is not None:

@@ -6,7 +6,7 @@ turns a denoiser and a :class:`SampleConfig` into samples.
 """
 from __future__ import annotations
 
-from .consistency import sample_consistency
+from .consistency import sample_consistency, sample_meanflow
 from .core import (ddim_step, ddpm_step, euler_step, expand_sigma, levels, posterior_variance, sample_ddim,
                    sample_ddpm, sample_euler, to_d)
 from .dpm_solver import (dpm_solver_1_step, dpm_solver_2_step, dpm_solver_3_step, dpmpp_1_step, dpmpp_2m_step,
@@ -32,5 +32,5 @@ __all__ = [
     "sample_dpmpp_2m_sde", "sample_unipc", "sample_euler_maruyama", "sample_pc", "heun_step", "ancestral_step",
     "final_step", "dpm_solver_1_step", "dpm_solver_2_step", "dpm_solver_3_step", "dpmpp_1_step", "dpmpp_2m_step",
     "dpmpp_3m_step", "dynamic_threshold", "unipc_update", "euler_maruyama_step", "langevin_step",
-    "sample_consistency",
+    "sample_consistency", "sample_meanflow",
 ]

@@ -8,6 +8,9 @@ x0 = f(x_T, sigma_0). More steps trade compute for quality: re-noise to the next
 
 for each positive level of the grid after the first. NFE = the number of positive levels. With an ordinary
 denoiser in place of f this is the "denoise, then re-noise" sampler of the same paper.
+
+:func:`sample_meanflow` is the deterministic few-step sampler of MeanFlow (Geng et al. 2025, eq. 12) for a denoiser
+that is told the level it jumps to (``sigma_next``; :class:`~torchdiffusion.fewstep.meanflow.MeanFlowDenoiser`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import math
 import torch
 
 from ..utils import randn_like
-from .core import _report, expand_sigma, levels
+from .core import _report, ddim_step, expand_sigma, levels
 
 
 @torch.no_grad()
@@ -34,4 +37,18 @@ def sample_consistency(denoiser, x, sigmas, *, generator=None, callback=None, si
         denoised = denoiser(x, expand_sigma(sigma, x))
         _report(callback, i, x, sigma, sig[i + 1] if i + 1 < len(sig) else 0.0, denoised)
         x = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_meanflow(denoiser, x, sigmas, *, generator=None, callback=None):
+    """MeanFlow's sampler (Geng et al. 2025, eq. 12): for each interval sigma -> sigma_next of `sigmas` (decreasing,
+    ending in 0) one jump z_r = z_t - (t - r) u(z_t, r, t), which is a DDIM step of the denoiser called with
+    ``sigma_next`` (the level it lands on). Deterministic; NFE = the number of intervals."""
+    sig = levels(sigmas)
+    for i in range(len(sig) - 1):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        denoised = denoiser(x, expand_sigma(sigma, x), sigma_next=expand_sigma(sigma_next, x))
+        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = ddim_step(x, denoised, sigma, sigma_next)
     return x

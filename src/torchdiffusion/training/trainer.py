@@ -626,7 +626,7 @@ class Trainer:
         log_dir = self.run_dir / "logs"
         if self.resumed_from:
             rewrite_metrics(log_dir, [m for m in read_metrics(log_dir) if m["step"] <= self.step])
-        return ScalarWriter(log_dir)
+        return ScalarWriter(log_dir, purge_step=self.step + 1 if self.resumed_from else None)
 
     def _guarded_loop(self, writer, bar, t0) -> bool:
         """The loop, and what an interruption leaves: a stop signal (or a peer failing while one is pending)
@@ -725,7 +725,8 @@ class Trainer:
         total = float(all_mean(window.sum, self.dist))
         loss = total / window.n if window.n else math.nan
         ips = window.steps * t.batch_size / max(now - window.since, 1e-9)
-        terms = {k: float(v) for k, v in getattr(self.objective, "last_terms", {}).items() if k != "loss"}
+        terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                 for k, v in getattr(self.objective, "last_terms", {}).items() if k != "loss"}
         if writer is not None:
             writer.add_scalars(self.step, {"loss": loss, "lr": self.opt.param_groups[0]["lr"], "images_per_s": ips,
                                            **terms})
