@@ -6,40 +6,55 @@ A run's ``task`` says what it trains; each task pairs a wrapper of the raw netwo
     task              module (what the trainer calls)          objective                  network kinds
     denoiser          Precond: D(x, sigma, **cond) -> x0        DiffusionObjective         unet, dit, uvit, mlp
     noisy_classifier  SigmaClassifier: (x, sigma) -> logits     ClassifierObjective        noisy_classifier
+    autoencoder       AutoencoderModule                         AutoencoderObjective       autoencoder
+    distill           a student denoiser (fewstep.methods)      the method's objective     unet, dit, uvit, mlp
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import CheckpointError, check_tensors, load_checkpoint
-from .config import ConfigError, RunConfig, from_dict, upgrade_config, validate
+from .checkpoint import CheckpointError, check_tensors, load_checkpoint, read_meta, save_checkpoint
+from .config import (ConfigError, RunConfig, from_dict, load_config, parse_overrides, set_by_path, to_dict,
+                     upgrade_config, validate)
 from .interop.diffusers import is_diffusers_folder, load_diffusers
 from .data import make_dataset
+from .fewstep import CouplingDataset, make_coupling
+from .fewstep.methods import (METHODS, NEW_INPUTS, coupling_sigmas, default_spacing, make_objective, round_steps,
+                              rounds_of, sample_defaults, served, student_denoiser, usable_spacing)
 from .latent.codec import SCALE_EXAMPLES, LatentCodec, LatentDataset, cache_key, file_sha256, latent_scale
 from .latent.objective import AutoencoderModule, AutoencoderObjective
 from .latent.perceptual import perceptual_distance
 from .nets import NETS
 from .objectives import ClassifierObjective, DiffusionObjective
-from .precond import Precond, SigmaClassifier
+from .precond import DenoiserTransform, Precond, SigmaClassifier
+from .sampling import get_sampler
 from .schedules import DISCRETE_SCHEDULES, Schedule, get_schedule
-from .utils import check_choice
+from .utils import check_choice, hash_seed
 
 
 @dataclass(frozen=True)
 class Task:
     """What a task builds: `wrap(net, schedule, cfg)` -> module, `objective(schedule, cfg)`, the network kinds it
     accepts, whether its module draws samples (a denoiser) or not (a classifier), and optionally
-    `save_meta(trainer) -> dict`, what its checkpoints record beside the weights."""
+    `save_meta(trainer) -> dict`, what its checkpoints record beside the weights; `init(module, cfg)`, what a new
+    run does to its fresh module (a student takes its teacher's weights); `check_resume(meta, cfg, path)`, what a
+    continued run checks in the checkpoint it continues (a student's teacher is the same file); `serve(module,
+    cfg)`, the trained module as it is sampled (a consistency student in its consistency function)."""
 
     wrap: Callable
     objective: Callable
     kinds: tuple
     samples: bool
     save_meta: Callable | None = None
+    init: Callable | None = None
+    check_resume: Callable | None = None
+    serve: Callable | None = None
 
 
 TASKS = {
@@ -59,6 +74,14 @@ TASKS = {
         objective=lambda schedule, cfg: AutoencoderObjective(cfg.autoencoder_loss, perceptual_for(cfg)),
         kinds=("autoencoder",), samples=False,
         save_meta=lambda trainer: {"latent_scale": autoencoder_latent_scale(trainer)}),
+    "distill": Task(
+        wrap=lambda net, schedule, cfg: student_denoiser(net, schedule, cfg.diffusion.prediction, cfg.distill),
+        objective=lambda schedule, cfg: distill_objective(schedule, cfg),
+        kinds=("unet", "dit", "uvit", "mlp"), samples=True,
+        save_meta=lambda trainer: teacher_meta(trainer.cfg),
+        init=lambda module, cfg: init_student(module, cfg),
+        check_resume=lambda meta, cfg, path: check_teacher(meta, cfg, path),
+        serve=lambda module, cfg: served(module, cfg.distill, module.schedule)),
 }
 
 
@@ -74,7 +97,9 @@ def autoencoder_latent_scale(trainer) -> float:
 def perceptual_for(cfg: RunConfig):
     """The autoencoder objective's perceptual distance (None when its weight is 0)."""
     loss = cfg.autoencoder_loss
-    return perceptual_distance(loss.perceptual, cfg.data.dataset) if loss.perceptual_weight > 0 else None
+    if loss.perceptual_weight <= 0:
+        return None
+    return perceptual_distance(loss.perceptual, cfg.data.dataset, image_size=cfg.data.image_size)
 
 
 def task_of(cfg: RunConfig) -> Task:
@@ -146,14 +171,15 @@ def config_from_meta(meta: dict, path) -> RunConfig:
 def load_model(path: str | Path, *, task: str | None = None, use_ema: bool = True, device="cpu"):
     """Rebuild the module of a checkpoint (EMA weights by default) in eval mode: (module, config, meta). `task`,
     when given, is the task the caller expects; a checkpoint of another task is refused with a message. A diffusers
-    model folder (see :mod:`torchdiffusion.interop.diffusers`) loads as a denoiser too."""
+    model folder (see :mod:`torchdiffusion.interop.diffusers`) loads as a denoiser too, and so does every task whose
+    module draws samples (a few-step student, as its task's `serve` wraps it)."""
     if is_diffusers_folder(path):
         if task not in (None, "denoiser"):
             raise CheckpointError(f"{path} is a diffusers denoiser, not a {task!r} model")
         return load_diffusers_run(path, device=device)
     meta, groups = load_checkpoint(path, device=device)
     cfg = config_from_meta(meta, path)
-    if task is not None and cfg.task != task:
+    if task is not None and cfg.task != task and not (task == "denoiser" and TASKS[cfg.task].samples):
         hint = {"denoiser": "load_denoiser", "noisy_classifier": "load_noisy_classifier"}.get(cfg.task, "load_model")
         raise CheckpointError(f"{path} holds a {cfg.task!r} model, not a {task!r} one; load it with {hint}")
     group = "ema" if use_ema and groups.get("ema") else "model"
@@ -164,7 +190,8 @@ def load_model(path: str | Path, *, task: str | None = None, use_ema: bool = Tru
     module.net.load_state_dict(groups[group])
     if "data_shape" not in meta:
         meta = {**meta, "data_shape": list(net_input_shape(cfg))}
-    return module.eval(), cfg, meta
+    serve = TASKS[cfg.task].serve
+    return (serve(module, cfg) if serve is not None else module).eval(), cfg, meta
 
 
 def load_denoiser(path: str | Path, *, use_ema: bool = True, device="cpu") -> tuple[Precond, RunConfig, dict]:
@@ -192,7 +219,10 @@ def load_diffusers_run(path, device="cpu"):
 # --------------------------------------------------------------------------------------------------- data
 def build_dataset(cfg: RunConfig, split: str = "train", *, progress: bool = True):
     """The run's data: cfg.data.dataset (see data.make_dataset), or its latents under cfg.data.autoencoder (encoded
-    once and cached, a fresh posterior draw per example and batch)."""
+    once and cached, a fresh posterior draw per example and batch); for a reflow or one-step student, the noise-sample
+    pairs of its teacher (:func:`coupling_dataset`)."""
+    if cfg.task == "distill" and METHODS[cfg.distill.method].coupled and split == "train":
+        return coupling_dataset(cfg)
     d = cfg.data
     images = make_dataset(d.dataset, split=split, image_size=d.image_size, subset=d.subset)
     if not d.autoencoder:
@@ -222,3 +252,227 @@ def codec_for(cfg: RunConfig, meta: dict, path="the checkpoint") -> LatentCodec 
                               f"{cfg.data.autoencoder} is {codec.sha256[:12]}...: put the original autoencoder "
                               "file back at that path, or retrain the model on this autoencoder")
     return codec
+
+
+# ------------------------------------------------------------------------------------------ few-step students
+NO_TEACHER = "-"                        # `distill METHOD -`: a method without a teacher, on a preset or YAML run
+COUPLING_FILE = "coupling.safetensors"  # a reflow / one-step run's noise-sample pairs, drawn once, in its folder
+COUPLING_STREAM = 5                     # hash_seed(train.seed, COUPLING_STREAM) seeds the couplings' noise, labels
+_HASHES: dict = {}                      # (file, size, mtime) -> sha256: each version of a teacher is hashed once
+
+
+class FollowInput(DenoiserTransform):
+    """A frozen teacher that moves to the device of its input at its first call (the trainer picks the device
+    after the objective is built)."""
+
+    def forward(self, x, sigma, **cond):
+        p = next(self.inner.parameters(), None)
+        if p is not None and p.device != x.device:
+            self.inner.to(x.device)
+        return self.inner(x, sigma, **cond)
+
+
+def teacher_file(path) -> Path:
+    """The teacher checkpoint file (a run's checkpoints folder: its last.safetensors)."""
+    p = Path(path)
+    p = p / "last.safetensors" if p.is_dir() else p
+    if not p.is_file():
+        raise CheckpointError(f"teacher checkpoint not found: {p}")
+    return p
+
+
+def teacher_sha256(path) -> str:
+    """The SHA-256 of the teacher checkpoint file, what a student's checkpoints record and a continuation checks."""
+    p = teacher_file(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(p)
+    return _HASHES[key]
+
+
+def teacher_meta(cfg: RunConfig) -> dict:
+    """What a student's checkpoints record of its teacher: the path given and the file's SHA-256."""
+    t = cfg.distill.teacher
+    return {"teacher": t, "teacher_sha256": teacher_sha256(t)} if t else {}
+
+
+def check_teacher(meta: dict, cfg: RunConfig, path) -> None:
+    """A continued student must have the teacher it started with: the file's hash against the checkpoint's."""
+    want, teacher = meta.get("teacher_sha256"), cfg.distill.teacher
+    if not want or not teacher:
+        return
+    got = teacher_sha256(teacher)
+    if got != want:
+        raise CheckpointError(f"{path} is a student of the teacher with sha256 {want[:12]}..., but {teacher} now has "
+                              f"sha256 {got[:12]}...: put the original teacher file back to continue, or start a new "
+                              "student from this one (another name=..., or --no-resume)")
+
+
+def load_teacher(cfg: RunConfig):
+    """The run's teacher (distill.teacher) as (frozen denoiser in eval mode, its config, its checkpoint metadata)."""
+    den, tcfg, meta = load_denoiser(teacher_file(cfg.distill.teacher), use_ema=cfg.distill.teacher_ema)
+    return FollowInput(den.requires_grad_(False)).eval(), tcfg, meta
+
+
+def distill_objective(schedule: Schedule, cfg: RunConfig):
+    """The method's objective (fewstep.methods.make_objective) with the frozen teacher where it runs one."""
+    d = cfg.distill
+    method = METHODS[d.method]
+    teacher = load_teacher(cfg)[0] if method.teacher == "denoiser" and not method.coupled else None
+    feature = None
+    if d.distance == "feature":
+        if cfg.data.autoencoder:
+            raise ConfigError("distill.distance 'feature' compares images, and this student is trained on latents: "
+                              "use l2 or pseudo_huber")
+        feature = perceptual_distance(d.feature, cfg.data.dataset, image_size=cfg.data.image_size)
+    return make_objective(d, schedule, teacher=teacher, total_steps=cfg.train.steps, feature=feature,
+                          num_classes=num_classes(cfg), prediction=cfg.diffusion.prediction,
+                          objective_cfg=cfg.diffusion.objective,
+                          patch_size=getattr(net_config(cfg), "patch_size", None))
+
+
+def init_student(module, cfg: RunConfig) -> None:
+    """A student whose method starts from the teacher gets the teacher's weights; an input the teacher's network
+    lacks (LCM's guidance-scale embedding) starts with its output layer at zero, so the student starts as the
+    teacher. Methods trained from scratch (consistency-training, meanflow) keep their initialisation."""
+    d = cfg.distill
+    if METHODS[d.method].teacher == "none":
+        return
+    path = teacher_file(d.teacher)
+    _, groups = load_checkpoint(path)
+    weights = groups.get("ema") if d.teacher_ema and groups.get("ema") else groups.get("model", {})
+    own = module.net.state_dict()
+    added = sorted(k for k in own if k not in weights)
+    if any(k not in own for k in weights) or any(not k.startswith(NEW_INPUTS) for k in added):
+        raise CheckpointError(f"{path}: a {d.method} student starts from its teacher's weights, so its network must be "
+                              f"the teacher's (the teacher run's model.{cfg.model.kind}; only {', '.join(NEW_INPUTS)} "
+                              "may be added)")
+    check_tensors("teacher", weights, {k: own[k] for k in weights}, path)
+    module.net.load_state_dict(weights, strict=False)
+    with torch.no_grad():
+        for name in sorted({k.split(".")[0] for k in added}):
+            out = getattr(module.net, name).mlp[-1]  # a TimeEmbedding's last Linear
+            out.weight.zero_()
+            out.bias.zero_()
+
+
+def coupling_meta(cfg: RunConfig) -> dict:
+    """What a coupling file must match to be reused: the teacher's hash and how the pairs were drawn."""
+    d = cfg.distill
+    return {"teacher_sha256": teacher_sha256(d.teacher), "couplings": d.couplings, "sampler": d.coupling_sampler,
+            "steps": d.coupling_steps, "spacing": d.spacing, "seed": cfg.train.seed}
+
+
+def coupling_dataset(cfg: RunConfig) -> CouplingDataset:
+    """A reflow or one-step run's noise-sample pairs (Liu et al. 2022, Algorithm 1): read from the run folder's
+    COUPLING_FILE when it holds this teacher's pairs drawn this way, else drawn once with the teacher's ODE
+    (per-sample seeds; uniform labels for a class-conditional teacher) and written there."""
+    d, path, want = cfg.distill, cfg.run_dir / COUPLING_FILE, coupling_meta(cfg)
+    if path.is_file():
+        meta, groups = load_checkpoint(path)
+        if {k: meta.get(k) for k in want} == want:
+            return _coupling(groups["coupling"], cfg)
+        print(f"note: {path} holds couplings drawn otherwise; drawing them again", file=sys.stderr)
+    teacher, _, tmeta = load_teacher(cfg)
+    seed, k = hash_seed(cfg.train.seed, COUPLING_STREAM), num_classes(cfg)
+    labels = None if k is None else torch.randint(0, k, (d.couplings,), generator=torch.Generator().manual_seed(seed))
+    print(f"drawing {d.couplings} couplings with the teacher ({d.coupling_sampler}, {d.coupling_steps} steps)",
+          file=sys.stderr)
+    noise, samples = make_coupling(teacher, tuple(tmeta["data_shape"]), d.couplings,
+                                   coupling_sigmas(build_schedule(cfg), d), sampler=get_sampler(d.coupling_sampler),
+                                   seed=seed, batch_size=cfg.sample.batch_size,
+                                   cond=None if labels is None else {"class_labels": labels})
+    data = _coupling({"noise": noise, "samples": samples, **({} if labels is None else {"labels": labels})}, cfg)
+    save_coupling(cfg, data)
+    return data
+
+
+def _coupling(t: dict, cfg: RunConfig) -> CouplingDataset:
+    data = CouplingDataset(t["samples"], t["noise"], t.get("labels"), num_classes=num_classes(cfg) or 0)
+    if cfg.data.autoencoder:  # pairs of latents: decoded for pictures and evaluations like a LatentDataset
+        data.codec = load_codec(cfg.data.autoencoder)
+        data.meta = {"autoencoder_sha256": data.codec.sha256}
+    return data
+
+
+def save_coupling(cfg: RunConfig, data: CouplingDataset) -> Path:
+    """Write the pairs to the run folder's COUPLING_FILE (safetensors + JSON, atomically)."""
+    labels = {} if data.labels is None else {"labels": data.labels}
+    return save_checkpoint(cfg.run_dir / COUPLING_FILE, meta=coupling_meta(cfg),
+                           coupling={"noise": data.noise, "samples": data.samples, **labels})
+
+
+def distill_config(method: str, teacher=None, overrides=(), *, config=None) -> RunConfig:
+    """A few-step student's configuration (``torchdiffusion distill METHOD TEACHER key=value ...``): the teacher
+    run's (data, network, schedule, training, sampling), or for a method without a teacher (`teacher` None or '-')
+    the preset or YAML `config`; then task 'distill' with the method and teacher, named <run>-<method>, the network
+    input the method adds, the sampling its student is drawn with by default (fewstep.methods.sample_defaults),
+    and last the key=value `overrides`, which win over all of it."""
+    check_choice("distill method", method, METHODS)
+    teacher = None if teacher in (None, "", NO_TEACHER) else str(teacher)
+    if teacher is None and METHODS[method].teacher != "none":
+        raise ValueError(f"method {method!r} needs a teacher checkpoint; only "
+                         f"{' and '.join(m for m, v in METHODS.items() if v.teacher == 'none')} train without one "
+                         f"(teacher {NO_TEACHER!r} with --config)")
+    if teacher is not None and config is not None:
+        raise ValueError("the student's configuration is its teacher's: give a teacher checkpoint or --config (for a "
+                         f"method without a teacher, teacher {NO_TEACHER!r}), not both")
+    base = config_from_meta(read_meta(teacher_file(teacher)), teacher) if teacher else load_config(config)
+    if not TASKS[base.task].samples:
+        raise ValueError(f"{teacher or config} holds a {base.task!r} model, not a denoiser to distil")
+    d = to_dict(base)
+    d.update(task="distill", name=f"{base.name}-{method}", distill={"method": method, "teacher": teacher or ""})
+    _student_changes(d, method, base)
+    over = parse_overrides(list(overrides))
+    for key, value in over:
+        set_by_path(d, key, value)
+    cfg = validate(from_dict(RunConfig, d))
+    schedule = build_schedule(cfg)
+    if not cfg.distill.spacing:
+        cfg.distill.spacing = default_spacing(method, base.sample.spacing, schedule)
+    mine = {k.split(".", 1)[1] for k, _ in over if k.startswith("sample.")}
+    scale = base.sample.guidance_scale if base.sample.guidance == "cfg" else \
+        (cfg.distill.guidance_min + cfg.distill.guidance_max) / 2
+    changes = {k: v for k, v in sample_defaults(cfg.distill, schedule, scale).items() if k not in mine}
+    if "spacing" not in mine:
+        changes["spacing"] = usable_spacing(cfg.sample.spacing, schedule)
+    cfg.sample = dataclasses.replace(cfg.sample, **changes)
+    return validate(cfg)
+
+
+def _student_changes(d: dict, method: str, base: RunConfig) -> None:
+    """What the method changes in the template's configuration dict `d`: lcm's guidance-scale input (after
+    checking the teacher is a guided latent model), MeanFlow's interval input and rectified-flow path, and no
+    flips for the stored pairs of reflow and one-step."""
+    kind, net = base.model.kind, d["model"][base.model.kind]
+    if method == "lcm":
+        if not base.data.autoencoder or num_classes(base) is None or base.diffusion.objective.cond_drop_prob <= 0:
+            raise ValueError("lcm distils a latent diffusion model under classifier-free guidance (Luo et al. 2023): "
+                             "the teacher must be trained on an autoencoder's latents (data.autoencoder=...), be "
+                             "class-conditional and drop labels (diffusion.objective.cond_drop_prob > 0); for another "
+                             "teacher use consistency-distillation")
+        net["guidance_embed"] = True
+    if method == "meanflow":
+        if "interval_embed" not in net:
+            raise ValueError(f"meanflow needs a network with a second time input (interval_embed): model.kind unet, "
+                             f"dit or mlp, not {kind!r}")
+        net["interval_embed"] = True
+        d["diffusion"].update(schedule="rf", schedule_options={}, prediction="velocity")
+    if METHODS[method].coupled:
+        d["data"]["flip"] = False
+
+
+def progressive_rounds(cfg: RunConfig) -> list[RunConfig]:
+    """Progressive distillation's rounds (Salimans & Ho 2022, Algorithm 2) as runs of their own in
+    out_dir/name/round<k>-<steps>step, each halving the steps: round k's teacher is round k-1's student (its last
+    checkpoint), the first round's the given teacher; each student samples with DDIM on its halved grid."""
+    runs, teacher = [], cfg.distill.teacher
+    for k in range(1, rounds_of(cfg.distill) + 1):
+        d = dataclasses.replace(cfg.distill, round=k, teacher=teacher)
+        c = dataclasses.replace(cfg, out_dir=str(cfg.run_dir), name=f"round{k}-{round_steps(d)[1]}step", distill=d)
+        grid = sample_defaults(d, build_schedule(c), 1.0)
+        c.sample = dataclasses.replace(c.sample, steps=grid["steps"], sigmas=grid["sigmas"])
+        runs.append(validate(c))
+        teacher = str(c.run_dir / "checkpoints" / "last.safetensors")
+    return runs

@@ -17,9 +17,11 @@ import yaml
 
 from .nets import AutoencoderConfig, ClassifierConfig, DiTConfig, MLPConfig, NETS, UNetConfig, UViTConfig
 from .latent.objective import AutoencoderLossConfig
+from .fewstep.methods import DistillConfig, check_distill
 from .objectives import ObjectiveConfig
 from .precond import PREDICTIONS
 from .sampling import SAMPLERS, SPACINGS, SampleConfig, check_sampler_options
+from .sampling.generate import nonfinite_field
 from .schedules import SCHEDULES, check_schedule_options
 from .utils import check_choice
 
@@ -84,20 +86,22 @@ class TrainConfig:
     dist_timeout_s: float = 600.0   # data-parallel: seconds a process waits for the others before it fails
 
 
-TASKS = ("denoiser", "noisy_classifier", "autoencoder")  # what a run trains; see torchdiffusion.build
+TASKS = ("denoiser", "noisy_classifier", "autoencoder", "distill")  # what a run trains; see torchdiffusion.build
 
 
 @dataclass
 class RunConfig:
     name: str = "run"               # run name; outputs go to out_dir/name
     out_dir: str = "outputs"        # folder of runs
-    task: str = "denoiser"          # denoiser (a diffusion model), noisy_classifier (for guidance) or autoencoder
+    task: str = "denoiser"          # denoiser (a diffusion model), noisy_classifier (for guidance), autoencoder or
+                                    # distill (a few-step student, see the distill section and docs/fewstep.md)
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # task autoencoder
+    distill: DistillConfig = field(default_factory=DistillConfig)  # task distill: the method and its teacher
 
     @property
     def run_dir(self) -> Path:
@@ -247,6 +251,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         check_sampler_options(cfg.sample.sampler, {**cfg.sample.sampler_options,
                                                    **({"final": cfg.sample.final} if cfg.sample.final else {})})
         check_values(cfg)
+        if cfg.distill.method and cfg.task != "distill":
+            raise ValueError(f"distill.method is {cfg.distill.method!r} but task is {cfg.task!r}: a few-step student "
+                             "is task 'distill' (torchdiffusion distill METHOD TEACHER)")
+        if cfg.task == "distill":
+            check_distill(cfg.distill)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
@@ -271,13 +280,14 @@ POSITIVE = {"train.lr": "the peak learning rate", "train.dist_timeout_s": "secon
 def check_sample_values(spec, prefix: str = "sample.") -> None:
     """The bounds of AT_LEAST on a SampleConfig, and its numbers finite; `prefix` '--' names command-line flags."""
     name = (lambda f: "--" + f.replace("_", "-")) if prefix == "--" else (lambda f: prefix + f)
+    bad = nonfinite_field(spec)
+    if bad is not None:
+        raise ConfigError(f"{name(bad[0])} must be a finite number, got {bad[1]!r}")
     for f in dataclasses.fields(spec):
         v = getattr(spec, f.name)
         low = AT_LEAST.get(f"sample.{f.name}")
         if low is not None and v < low[0]:
             raise ConfigError(f"{name(f.name)} must be at least {low[0]}, got {v} ({low[1]})")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"{name(f.name)} must be a finite number, got {v!r}")
 
 
 def check_values(cfg: RunConfig) -> None:

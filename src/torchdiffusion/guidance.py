@@ -14,6 +14,8 @@ exact conditional one (tests/test_guidance.py checks it).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -149,6 +151,8 @@ def guide(denoiser, guidance: str = "none", scale: float = 1.0, *, classifier=No
     'embedded' returns the denoiser unchanged: its network takes the scale as an input (a latent consistency
     student, Luo et al. 2023), which the caller binds as ``guidance_scale``."""
     check_choice("guidance", guidance, GUIDANCES)
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be a finite number, got {scale!r}")
     if guidance == "none" and scale != 1.0:
         raise ValueError(f"guidance scale {scale:g} has no effect without a guidance method: choose guidance 'cfg' "
                          "(classifier-free) or 'classifier'")

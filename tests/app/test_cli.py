@@ -132,3 +132,12 @@ def test_renamed_command_and_bench_front_door(tmp_cache, tmp_path, capsys):
     assert "import arrows" in capsys.readouterr().out and (tmp_path / "s.json").exists()
     assert cli("bench", "nope") == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_every_benchmark_script_has_a_bench_command():
+    """`torchdiffusion bench NAME` reaches every script of bench/ (a new benchmark must be registered)."""
+    from pathlib import Path
+
+    from torchdiffusion.app.cli import BENCHMARKS
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    assert sorted(BENCHMARKS.values()) == sorted(p.name for p in bench.glob("*.py"))

@@ -14,8 +14,8 @@ from torchdiffusion.fewstep.consistency import ict_levels, karras_grid, lognorma
 from torchdiffusion.nets import UNet
 from torchdiffusion.precond import PREDICTIONS, Precond
 from torchdiffusion.sampling import SAMPLERS, get_sigmas
+from torchdiffusion.utils import append_dims, sample_generators
 from torchdiffusion.schedules import get_schedule
-from torchdiffusion.utils import sample_generators
 
 M, S = 0.5, 0.3  # the data: N(M, S^2) in every dimension
 
@@ -316,3 +316,24 @@ def test_latent_consistency_learns_the_guided_teachers_map(w):
     with torch.no_grad():
         got = f(x.float(), torch.full((7,), 20.0), guidance_scale=torch.full((7,), w)).double()
     assert (got - want).abs().max() < 0.03 * S, float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2), ("dpmpp_2s", 2)])
+def test_teacher_step_has_its_order_on_the_exact_gaussian_flow(solver, order):
+    """Gaussian data N(0, s^2): D(x, sigma) = x s^2 / (s^2 + sigma^2) and the probability-flow ODE maps x at sigma to
+    x sqrt((s^2 + sigma_next^2) / (s^2 + sigma^2)). A step's local error falls as h^(order + 1): halving the
+    log-sigma step divides it by about 2^(order + 1)."""
+    s2 = 0.25
+    teacher = lambda x, sigma, **c: x * s2 / (s2 + append_dims(sigma, x.ndim) ** 2)  # noqa: E731
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64)[:, None]
+    errs = []
+    for h in (0.4, 0.2, 0.1):
+        sigma = torch.full((7,), 1.0, dtype=torch.float64)
+        sigma_next = sigma * math.exp(-h)
+        exact = x * torch.sqrt((s2 + sigma_next[:, None] ** 2) / (s2 + sigma[:, None] ** 2))
+        errs.append(float((teacher_step(teacher, x, sigma, sigma_next, solver) - exact).abs().max()))
+    for big, small in zip(errs, errs[1:]):
+        assert 2 ** (order + 1) * 0.7 < big / small < 2 ** (order + 1) * 1.4
+    zero = teacher_step(teacher, x, torch.full((7,), 1.0, dtype=torch.float64), torch.zeros(7, dtype=torch.float64),
+                        solver)
+    torch.testing.assert_close(zero, teacher(x, torch.ones(7, dtype=torch.float64)))  # to sigma 0: the denoiser

@@ -109,3 +109,15 @@ def test_what_does_not_map_is_named():
         unet_to_diffusers_config(_our_unet(cond_channels=1))
     with pytest.raises(MappingError, match="continuous"):
         export_diffusers(Precond(_our_unet(), get_schedule("edm"), "edm"), "/nonexistent")
+
+
+def test_few_step_students_are_refused_with_the_formats_that_work(tmp_path):
+    """A consistency or MeanFlow student is not a diffusers scheduler step: refused before anything is written."""
+    from torchdiffusion.fewstep import ConsistencyFunction, MeanFlowDenoiser
+    cm = ConsistencyFunction(Precond(_our_unet(), get_schedule("linear"), "eps"))
+    mf = MeanFlowDenoiser(UNet(image_size=16, channels=16, channel_mult=(1, 2), attn_resolutions=(), norm_groups=8,
+                               interval_embed=True), get_schedule("rf"))
+    for student in (cm, mf):
+        with pytest.raises(MappingError, match="torch-export or torchscript"):
+            export_diffusers(student, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -125,3 +125,35 @@ def test_own_perceptual_distance_and_lpips_from_files(tmp_path):
     assert d.shape == (3,) and (d > 0).all() and torch.allclose(lpips(x, x), torch.zeros(3), atol=1e-7)
     with pytest.raises(FileNotFoundError, match="vgg16.pth"):
         LPIPS(tmp_path / "nowhere")
+
+
+def _labelled_folder(root, n_per_class, sizes):
+    """A folder of grey PNGs in class subfolders, image k of size sizes[k % len(sizes)]."""
+    import numpy as np
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for k in range(n_per_class):
+            s = sizes[k % len(sizes)]
+            Image.fromarray(g.integers(0, 256, (s, s), dtype=np.uint8)).save(root / f"class{c}" / f"{k}.png")
+    return root
+
+
+def test_own_perceptual_network_on_a_users_folder(tmp_path, monkeypatch):
+    """Cached per folder (two folders of one name do not share a network, the file stays in the cache), trained at
+    the run's image size (a folder of mixed sizes works), and a set too small to classify is refused clearly."""
+    from torchdiffusion.latent import perceptual
+    monkeypatch.setattr(perceptual, "cache_dir", lambda: tmp_path / "cache")
+    a = _labelled_folder(tmp_path / "a" / "pics", 32, sizes=(8, 12))
+    b = tmp_path / "b" / "pics"
+    pa, pb = perceptual.perceptual_path(str(a), 8), perceptual.perceptual_path(str(b), 8)
+    assert pa != pb and pa.parent == pb.parent == tmp_path / "cache" / "perceptual"
+    assert perceptual.perceptual_path("mnist") == tmp_path / "cache" / "perceptual" / "mnist.safetensors"
+    dist = perceptual.perceptual_distance("own", str(a), image_size=8, progress=False)
+    assert pa.exists() and not pb.exists()
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    assert torch.allclose(dist(x, x), torch.zeros(2)) and (dist(x, -x) > 0).all()
+    small = _labelled_folder(tmp_path / "small", 8, sizes=(8,))
+    with pytest.raises(ValueError, match="at least 64 labelled training images.*has 16.*perceptual_weight=0"):
+        perceptual.train_perceptual_net(str(small), progress=False)

@@ -290,3 +290,16 @@ def test_callback_reports_every_step(linear):
     sample_ddim(data(), start(sig, n=3), sig, callback=seen.append)
     assert [d["i"] for d in seen] == list(range(5))
     assert all(float(d["sigma"]) > float(d["sigma_next"]) for d in seen)
+
+
+@pytest.mark.parametrize("field,value", [("guidance_scale", float("nan")), ("guidance_scale", float("inf")),
+                                         ("guidance_sigma_min", float("nan")), ("sr_aug_sigma", float("-inf"))])
+def test_generate_refuses_nonfinite_numbers_from_python(field, value):
+    """The Python front door refuses what the CLI refuses: a NaN guidance scale would otherwise draw NaN images."""
+    from torchdiffusion.guidance import guide
+    from torchdiffusion.sampling import generate
+    den = data()  # the exact denoiser
+    with pytest.raises(ValueError, match=f"sample.{field} must be a finite number"):
+        generate(den, (DIM,), n=2, steps=2, **{field: value})
+    with pytest.raises(ValueError, match="guidance scale must be a finite number"):
+        guide(den, "cfg", float("nan"))

@@ -1,5 +1,5 @@
-"""Command line: ``torchdiffusion {train,sample,demo,config,prepare-data,train-feature-net,evaluate,inpaint,img2img,
-invert,interpolate,export,report,bench}``.
+"""Command line: ``torchdiffusion {train,distill,sample,demo,config,prepare-data,train-feature-net,evaluate,inpaint,
+img2img,invert,interpolate,export,report,bench}``.
 
 Run options come from the configuration dataclasses (``torchdiffusion.config``): give a preset or a YAML
 file with ``--config`` and change any field with ``key=value`` (e.g. ``train.steps=500 model.unet.channels=64``).
@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from .. import __version__, viz
-from ..build import codec_for, load_denoiser, load_noisy_classifier, net_input_shape
+from ..build import NO_TEACHER, codec_for, load_denoiser, load_noisy_classifier, net_input_shape
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, check_sample_values, load_config, presets, to_dict
 from ..data import prepare_fashion_mnist, prepare_mnist
@@ -29,6 +29,7 @@ from ..evaluate import (FEATURE_DATASETS, evaluate_samples, feature_net_metadata
                         train_feature_net)
 from ..evaluate.quality import FLOOR_DRAWS, num_classes
 from ..evaluate.report import evaluate_checkpoint, format_table
+from ..fewstep import METHODS
 from ..guidance import class_labels_for
 from ..interop.diffusers import export_diffusers
 from ..interop.export import FORMATS, ONNX_OPSET, SUFFIXES, export, input_names
@@ -37,6 +38,7 @@ from ..sampling import SampleConfig, generate
 from ..training import dist_info, train
 from ..utils import check_choice, sample_generators
 from .demo import run_demo
+from .distill import run_distill
 from .hooks import standard_hooks
 from .inputs import load_images, load_samples, make_mask
 from .run_report import write_report
@@ -44,7 +46,8 @@ from .run_report import write_report
 NONE_ARG = "none"  # `--class-label none`: unconditional, whatever the run's sample.class_label says
 BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"  # the benchmarks of a source checkout
 BENCHMARKS = {"samplers": "samplers.py", "train-speed": "train_speed.py", "guidance": "guidance.py",
-              "structure": "structure.py", "floor": "floor.py"}
+              "structure": "structure.py", "floor": "floor.py", "backbones": "backbones.py", "latent": "latent.py",
+              "fewstep": "fewstep.py", "faults": "faults.py", "interop": "interop.py", "norm-act": "norm_act.py"}
 EDIT_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "sampler_options", "seed", "use_ema", "clip_x0", "class_label")
 EVAL_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "final", "sampler_options", "seed", "batch_size", "use_ema",
                       "clip_x0", "class_label", "guidance", "guidance_scale", "classifier")
@@ -64,6 +67,14 @@ def _int_or_none(v: str):
         return int(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or '{NONE_ARG}', got {v!r}") from None
+
+
+def _floats(v: str) -> tuple:
+    """A comma-separated list of numbers (--sigmas 80,0.8)."""
+    try:
+        return tuple(float(x) for x in v.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 80,0.8, got {v!r}") from None
 
 
 def _option(v: str):
@@ -89,7 +100,8 @@ def _add_sample_args(p: argparse.ArgumentParser, only: tuple | None = None) -> N
                            metavar="KEY=VALUE", help="an option of the sampler, e.g. eta=0.5 (repeatable; default: "
                            "the run's sample.sampler_options)")
         else:
-            typ = {"int": int, "float": float, "str": str, "int | None": _int_or_none}.get(str(f.type), str)
+            typ = {"int": int, "float": float, "str": str, "int | None": _int_or_none,
+                   "tuple": _floats}.get(str(f.type), str)
             p.add_argument(flag, dest=f.name, type=typ, default=None,
                            help=f"(default: from the run, else {default if default != '' else repr('')})"
                            + (f"; '{NONE_ARG}': unconditional" if typ is _int_or_none else ""))
@@ -147,6 +159,13 @@ def cmd_train(args) -> int:
     result = train(cfg, resume=not args.no_resume, log_lines=True, hooks=standard_hooks(cfg))
     if dist_info().is_main:  # under torchrun, one report
         print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    result = run_distill(args.method, args.teacher, args.overrides, config=args.config, resume=not args.no_resume,
+                         log_lines=True, hooks=standard_hooks)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -363,6 +382,18 @@ def _add_run_commands(sub) -> None:
     _add_config_args(t, None)
     t.add_argument("--no-resume", action="store_true", help="start over (an earlier run in the same folder is moved aside, not deleted)")
     t.set_defaults(func=cmd_train)
+
+    ds = sub.add_parser("distill", help="train a few-step student of a teacher checkpoint (docs/fewstep.md); the same "
+                        "command again continues it")
+    ds.add_argument("method", help=" | ".join(METHODS))
+    ds.add_argument("teacher", help=f"the teacher checkpoint ('{NO_TEACHER}': none, for "
+                    f"{' and '.join(m for m, v in METHODS.items() if v.teacher == 'none')}, on --config)")
+    ds.add_argument("--config", default=None, help="for a method without a teacher: the run to train, a preset "
+                    f"({', '.join(presets())}) or a YAML file")
+    ds.add_argument("overrides", nargs="*", metavar="key=value", help="change any config field, e.g. train.steps=500 "
+                    "distill.levels=40")
+    ds.add_argument("--no-resume", action="store_true", help="start over (an earlier student is moved aside)")
+    ds.set_defaults(func=cmd_distill)
 
     d = sub.add_parser("demo", help="train the MNIST demo and write pictures to outputs/demo")
     _add_config_args(d, "demo")

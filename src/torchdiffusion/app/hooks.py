@@ -32,7 +32,7 @@ class SampleGrid(Hook):
         if x.ndim == 4:
             viz.save_grid(x, path, nrow=int(math.sqrt(self.n)))
         else:
-            ref, _ = trainer.data.batch(torch.arange(min(len(trainer.data), 2000)))
+            ref = trainer.data.batch(torch.arange(min(len(trainer.data), 2000)))[0]  # (may carry conditioning too)
             viz.scatter_2d(x, path, data=ref, title=f"step {trainer.step}")
         return None
 
@@ -44,8 +44,9 @@ class PeriodicEvaluation(Hook):
         self.every = every
 
     def __call__(self, trainer):
+        codec = getattr(trainer.data, "codec", None)  # a model on latents: evaluate the decoded images
         return periodic_evaluation(trainer.ema_denoiser, trainer.cfg, tuple(trainer.data.sample_shape),
-                                   device=trainer.device)
+                                   device=trainer.device, decode=codec.decode if codec is not None else None)
 
 
 class ReconstructionGrid(Hook):

@@ -34,7 +34,7 @@ def load_images(spec: str, shape: tuple) -> torch.Tensor:
         x = load_npz(path)[0]
     elif path.is_file():
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("L" if c == 1 else "RGB"))
+            arr = np.array(im.convert("L" if c == 1 else "RGB"))  # a writable copy for torch.from_numpy
         x = torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1)).permute(2, 0, 1)[None]
     elif ":" in spec:
         name, idx = spec.rsplit(":", 1)

@@ -314,10 +314,11 @@ def _notice_once(msg: str) -> None:
 
 
 @torch.no_grad()
-def periodic_evaluation(denoiser, cfg, shape: tuple, *, device="cpu") -> dict | None:
+def periodic_evaluation(denoiser, cfg, shape: tuple, *, device="cpu", decode=None) -> dict | None:
     """The training-time check (``train.eval_every``): draw ``train.eval_samples`` samples with the run's sample
     configuration and return {fd, fd_std, fd_floor, fd_floor_std, fd_ratio, kid, precision, recall,
-    class_coverage} by :func:`evaluate_samples` (the floor matched to the classes asked for). Only for data sets
+    class_coverage} by :func:`evaluate_samples` (the floor matched to the classes asked for); `decode`: for a
+    model on latents (`shape` is the latent's), its autoencoder's decoder, so that images are evaluated. Only for data sets
     with a feature network (MNIST, Fashion-MNIST) once it is trained; otherwise prints a one-line notice (once) and
     returns None."""
     dataset = eval_dataset(cfg.data.dataset)
@@ -331,6 +332,6 @@ def periodic_evaluation(denoiser, cfg, shape: tuple, *, device="cpu") -> dict | 
         return None
     n, spec = int(cfg.train.eval_samples), cfg.sample
     labels = requested_labels(n, spec.class_label, spec.guidance, net_num_classes(denoiser))
-    x = generate(denoiser, tuple(shape), spec, n=n, labels=labels, device=device)
+    x = generate(denoiser, tuple(shape), spec, n=n, labels=labels, device=device, decode=decode)
     r = evaluate_samples(x.clamp(-1, 1), dataset, labels=labels, seed=spec.seed, fd_inf=False)
     return {k: float(r[k]) for k in PERIODIC_KEYS}

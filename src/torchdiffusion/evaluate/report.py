@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from ..build import load_denoiser, load_noisy_classifier
+from ..build import codec_for, load_denoiser, load_noisy_classifier
 from ..guidance import net_num_classes, requested_labels
 from ..sampling import generate
 from ..utils import check_choice, hash_seed
@@ -76,9 +76,15 @@ def evaluate_checkpoint(path, *, n: int = 1000, likelihood=(), likelihood_n: int
     means unconditional), evaluate them with :func:`evaluate_samples` against the run's data set (the floor matched
     to the classes asked for; class accuracy against them), and add the requested likelihood estimates.
     `seeds` (two or more): one sample set per sampling seed, and the spreads are across them
-    (:func:`combine_seeds`) instead of the bootstrap; the floor is drawn with the first seed."""
+    (:func:`combine_seeds`) instead of the bootstrap; the floor is drawn with the first seed. A model trained on
+    latents (data.autoencoder) samples latents that its own autoencoder decodes to images before any feature is
+    computed (a different autoencoder file is refused, see :func:`~torchdiffusion.build.codec_for`)."""
     denoiser, cfg, meta = load_denoiser(path, use_ema=sample_overrides.pop("use_ema", None) is not False)
     dataset = _dataset_of(cfg)
+    codec = codec_for(cfg, meta, path)  # None for a pixel model
+    if codec is not None and likelihood:
+        raise ValueError("likelihood (bits/dim) is not defined for a model on latents: its density is over the "
+                         "autoencoder's latents, not over pixels; evaluate it without --likelihood")
     s = dataclasses.replace(cfg.sample, n=n, **sample_overrides)
     seeds = [s.seed] if not seeds else [int(v) for v in seeds]
     shape = tuple(meta["data_shape"])
@@ -90,7 +96,7 @@ def evaluate_checkpoint(path, *, n: int = 1000, likelihood=(), likelihood_n: int
     for seed in seeds:
         with torch.no_grad():
             x = generate(denoiser, shape, dataclasses.replace(s, seed=seed), classifier=classifier, labels=labels,
-                         progress=progress)
+                         progress=progress, decode=codec.decode if codec is not None else None)  # images
         results.append(evaluate_samples(x, dataset, labels=labels, seed=seeds[0], floor_draws=floor_draws,
                                         n_ref=n_ref))
     result = {"checkpoint": str(path), "step": meta.get("step"), "dataset": dataset, "sampler": s.sampler,

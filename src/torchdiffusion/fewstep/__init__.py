@@ -4,10 +4,12 @@ from .consistency import (ConsistencyDistillation, ConsistencyFunction, Consiste
                           LatentConsistencyDistillation,
                           consistency_skip, pseudo_huber, teacher_step)
 from .meanflow import MeanFlowDenoiser, MeanFlowObjective
+from .methods import METHODS, DistillConfig, check_distill, make_objective, sample_defaults, served, student_denoiser
 from .progressive import ProgressiveDistillation, halve_grid
 from .rectified import CouplingDataset, OneStepDistillation, ReflowObjective, make_coupling, straightness
 
 __all__ = ["ConsistencyDistillation", "ConsistencyFunction", "ConsistencyTraining", "ConsistencyTuning",
            "LatentConsistencyDistillation",
            "MeanFlowDenoiser", "MeanFlowObjective", "consistency_skip", "pseudo_huber", "teacher_step", "ProgressiveDistillation", "halve_grid",
-           "CouplingDataset", "OneStepDistillation", "ReflowObjective", "make_coupling", "straightness"]
+           "CouplingDataset", "OneStepDistillation", "ReflowObjective", "make_coupling", "straightness",
+           "METHODS", "DistillConfig", "check_distill", "make_objective", "sample_defaults", "served", "student_denoiser"]

@@ -35,7 +35,7 @@ from ..sampling.sigmas import karras_sigmas
 from ..utils import append_dims, check_choice, rand, randn, randn_like
 
 DISTANCES = ("l2", "pseudo_huber", "feature")
-TEACHER_SOLVERS = ("heun", "euler", "dpmpp_2m")
+TEACHER_SOLVERS = ("heun", "euler", "dpmpp_2s")
 HUBER_C = 0.00054               # Song & Dhariwal 2023: c = 0.00054 sqrt(d) for d-dimensional data
 ICT_P_MEAN, ICT_P_STD = -1.1, 2.0   # iCT / ECT lognormal noise-level distribution
 
@@ -86,18 +86,26 @@ def distance(kind: str, a: torch.Tensor, b: torch.Tensor, *, feature=None, huber
 def teacher_step(teacher, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, solver: str = "heun",
                  **cond) -> torch.Tensor:
     """One probability-flow ODE step from per-example levels sigma (N,) to sigma_next (N,) with the teacher:
-    Euler, or Heun (EDM, Algorithm 1; Euler where sigma_next = 0)."""
+    Euler; Heun (EDM, Algorithm 1); or DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1 with r = 1/2: a first-order
+    step to the log-sigma midpoint sqrt(sigma sigma_next), then the full step with the denoiser there). Both second-
+    order steps fall back to Euler where sigma_next = 0."""
     check_choice("teacher solver", solver, TEACHER_SOLVERS)
     s, sn = append_dims(sigma, x.ndim), append_dims(sigma_next, x.ndim)
-    d = (x - teacher(x, sigma, **cond)) / s
-    x_next = x + (sn - s) * d
+    positive = append_dims(sigma_next > 0, x.ndim)
+    denoised = teacher(x, sigma, **cond)
+    x_next = x + (sn - s) * (x - denoised) / s  # Euler = DDIM in these coordinates
     if solver == "euler":
         return x_next
-    positive = sigma_next > 0
-    d_next = (x_next - teacher(x_next, torch.where(positive, sigma_next, sigma), **cond)) / torch.where(
-        append_dims(positive, x.ndim), sn, s)
-    heun = x + (sn - s) * 0.5 * (d + d_next)
-    return torch.where(append_dims(positive, x.ndim), heun, x_next)
+    if solver == "dpmpp_2s":
+        mid = torch.sqrt(sigma * sigma_next).clamp_min(torch.finfo(sigma.dtype).tiny)  # (N,)
+        m = append_dims(mid, x.ndim)
+        u = (m / s) * x + (1 - m / s) * denoised
+        step = (sn / s) * x + (1 - sn / s) * teacher(u, torch.where(sigma_next > 0, mid, sigma), **cond)
+        return torch.where(positive, step, x_next)
+    d_next = (x_next - teacher(x_next, torch.where(sigma_next > 0, sigma_next, sigma), **cond)) / torch.where(
+        positive, sn, s)
+    heun = x + (sn - s) * 0.5 * ((x - denoised) / s + d_next)
+    return torch.where(positive, heun, x_next)
 
 
 class EMATarget:

@@ -65,7 +65,8 @@ class CouplingDataset:
 
 class ReflowObjective(DiffusionObjective):
     """The rectified-flow loss on coupled pairs: the noise of each example is its partner's
-    (cond[COUPLED_NOISE]), not a fresh draw; the noise level is drawn as usual."""
+    (cond[COUPLED_NOISE]), not a fresh draw, even where a `noise` is passed (the trainer's fixed validation noise,
+    which only a batch without partners uses); the noise level is drawn as usual."""
 
     def per_sample(self, denoiser, x0, cond=None, *, generator=None, sigma=None, noise=None, **kwargs):
         cond = dict(cond or {})
@@ -74,7 +75,7 @@ class ReflowObjective(DiffusionObjective):
             raise ValueError("reflow trains on coupled pairs: the data set must supply each example's noise "
                              "(torchdiffusion.fewstep.rectified.CouplingDataset)")
         return super().per_sample(denoiser, x0, cond, generator=generator, sigma=sigma,
-                                  noise=coupled if noise is None else noise, **kwargs)
+                                  noise=noise if coupled is None else coupled, **kwargs)
 
 
 class OneStepDistillation:

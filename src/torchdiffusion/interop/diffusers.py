@@ -238,6 +238,9 @@ def scheduler_config(schedule, prediction: str, clip_sample: bool) -> dict:
 def export_diffusers(denoiser: Precond, out_dir, *, clip_sample: bool = True) -> Path:
     """Write `denoiser` (a Precond around one of our U-Nets, discrete schedule) as a diffusers pipeline folder:
     model_index.json, unet/{config.json, diffusion_pytorch_model.safetensors}, scheduler/scheduler_config.json."""
+    if type(denoiser) is not Precond:  # a consistency or MeanFlow student is not a diffusers scheduler step
+        raise MappingError(f"only a diffusion model (a Precond around a U-Net) maps onto a diffusers pipeline, not a "
+                           f"{type(denoiser).__name__}; export it with --format onnx, torch-export or torchscript")
     if not isinstance(denoiser.net, UNet):
         raise MappingError(f"only U-Nets map onto UNet2DModel, not {type(denoiser.net).__name__}")
     sched = scheduler_config(denoiser.schedule, denoiser.prediction, clip_sample)

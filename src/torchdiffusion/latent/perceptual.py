@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+
 import math
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..data import cache_dir, make_dataset
+from ..data import FASHION_NAMES, MNIST_NAMES, cache_dir, make_dataset
 from ..utils import hash_seed
 
 PERCEPTUAL_FORMAT = "torchdiffusion-perceptual-net"
@@ -75,17 +77,34 @@ class OwnDistance(nn.Module):
         return torch.stack(terms).mean(0)  # (N,)
 
 
-def perceptual_path(dataset: str) -> Path:
-    return cache_dir() / "perceptual" / f"{dataset}.safetensors"
+PERCEPTUAL_MIN_IMAGES = 64  # labelled training images the own perceptual network needs at the least
 
 
-def train_perceptual_net(dataset: str, *, epochs: int = 2, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                         path=None, progress: bool = True) -> Path:
-    """Train a PerceptualNet to classify `dataset` (its train split, Adam with cosine decay) and save it."""
-    data = make_dataset(dataset, split="train")
+def perceptual_path(dataset: str, image_size=None) -> Path:
+    """Where the own perceptual network of `dataset` is cached: a named data set by its name; a folder or file by
+    its name and a hash of its absolute path (two folders of one name do not share a network, and the file stays
+    inside the cache); the image size joins the name when images are resized."""
+    name = str(dataset)
+    if name.lower() not in MNIST_NAMES + FASHION_NAMES:
+        full = str(Path(name).expanduser().resolve())
+        name = f"{Path(full).name.replace('.', '_')}-{hashlib.sha256(full.encode()).hexdigest()[:12]}"
+    size = f"-{image_size}px" if image_size else ""
+    return cache_dir() / "perceptual" / f"{name}{size}.safetensors"
+
+
+def train_perceptual_net(dataset: str, *, image_size=None, epochs: int = 2, batch_size: int = 128, lr: float = 2e-3,
+                         seed: int = 0, path=None, progress: bool = True) -> Path:
+    """Train a PerceptualNet to classify `dataset` (its train split resized to `image_size` as the run resizes it;
+    Adam with cosine decay) and save it. A set smaller than `batch_size` is one batch per step."""
+    data = make_dataset(dataset, split="train", image_size=image_size)
     if data.labels is None:
         raise ValueError(f"the perceptual network is trained to classify, and {dataset!r} has no labels; pass an "
                          "LPIPS folder as autoencoder.perceptual, or set autoencoder.perceptual_weight=0")
+    if len(data) < PERCEPTUAL_MIN_IMAGES:
+        raise ValueError(f"the own perceptual network needs at least {PERCEPTUAL_MIN_IMAGES} labelled training "
+                         f"images, and {dataset!r} has {len(data)}: set autoencoder_loss.perceptual_weight=0 or pass "
+                         "an LPIPS folder as autoencoder_loss.perceptual")
+    batch_size = min(batch_size, len(data))
     torch.manual_seed(hash_seed(seed, 0xBE))
     g = torch.Generator().manual_seed(hash_seed(seed, 0xBF))
     net = PerceptualNet(data.sample_shape[0], num_classes=int(data.labels.max()) + 1)
@@ -107,14 +126,15 @@ def train_perceptual_net(dataset: str, *, epochs: int = 2, batch_size: int = 128
     bar.close()
     meta = {"kind": PERCEPTUAL_FORMAT, "dataset": dataset, "arch": net.config, "epochs": epochs, "seed": seed,
             "train_seconds": round(time.time() - t0, 1)}
-    return save_checkpoint(Path(path) if path else perceptual_path(dataset), meta=meta, model=net.state_dict())
+    return save_checkpoint(Path(path) if path else perceptual_path(dataset, image_size), meta=meta,
+                           model=net.state_dict())
 
 
-def load_own_distance(dataset: str, *, progress: bool = True) -> OwnDistance:
+def load_own_distance(dataset: str, *, image_size=None, progress: bool = True) -> OwnDistance:
     """The 'own' distance for `dataset`, training its network first (a minute or two) when the cache lacks it."""
-    path = perceptual_path(dataset)
+    path = perceptual_path(dataset, image_size)
     if not path.exists():
-        train_perceptual_net(dataset, progress=progress)
+        train_perceptual_net(dataset, image_size=image_size, progress=progress)
     meta, groups = load_checkpoint(path)
     if meta.get("kind") != PERCEPTUAL_FORMAT:
         raise CheckpointError(f"{path} is not a perceptual network; delete it to retrain")
@@ -178,6 +198,6 @@ class LPIPS(nn.Module):
         return total  # (N,)
 
 
-def perceptual_distance(spec: str, dataset: str, *, progress: bool = True) -> nn.Module:
-    """'own' -> :func:`load_own_distance` for `dataset`; a folder -> :class:`LPIPS` from it."""
-    return load_own_distance(dataset, progress=progress) if spec == "own" else LPIPS(spec)
+def perceptual_distance(spec: str, dataset: str, *, image_size=None, progress: bool = True) -> nn.Module:
+    """'own' -> :func:`load_own_distance` for `dataset` (at the run's `image_size`); a folder -> :class:`LPIPS`."""
+    return load_own_distance(dataset, image_size=image_size, progress=progress) if spec == "own" else LPIPS(spec)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from ..guidance import guide, net_num_classes, requested_labels
 from ..precond import ClampX0, Conditioned, Denoiser
 from ..utils import check_choice, randn, sample_generators
-from .consistency import sample_consistency
+from .consistency import sample_consistency, sample_meanflow
 from .core import sample_ddim, sample_ddpm, sample_euler
 from .dpm_solver import (sample_dpm_solver_1, sample_dpm_solver_2, sample_dpm_solver_3, sample_dpm_solver_adaptive,
                          sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m)
@@ -46,6 +47,7 @@ SAMPLERS = {
     "pc": sample_pc,
     "ode_reference": sample_ode_reference,
     "consistency": sample_consistency,
+    "meanflow": sample_meanflow,    # a denoiser told the level it jumps to (fewstep.MeanFlowDenoiser)
 }
 SAMPLER_ARGS = ("denoiser", "x", "sigmas", "generator", "callback")  # the contract every sampler shares
 
@@ -93,6 +95,16 @@ class SampleConfig:
     classifier: str = ""            # noise-conditional classifier checkpoint for guidance=classifier
     sr_checkpoint: str = ""         # super-resolution checkpoint: sample runs the cascade base -> SR
     sr_aug_sigma: float = 0.1       # noise level of the conditioning augmentation of the cascade's SR stage
+
+
+def nonfinite_field(spec: SampleConfig) -> tuple[str, float] | None:
+    """(name, value) of the first float field of `spec` that is NaN or infinite (a NaN guidance scale would draw
+    NaN images without a word), or None."""
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f.name, v
+    return None
 
 
 def sampler_options(spec: SampleConfig) -> dict:
@@ -165,6 +177,9 @@ def generate(denoiser: Denoiser, shape: tuple, spec: SampleConfig | None = None,
     every batch. `decode`: for a model on latents (shape is the latent's), the decoder applied to every batch
     (then clip_x0 clamps the decoded images). Returns float32 (n, *shape) on the CPU (decoded: the images)."""
     spec = dataclasses.replace(spec or SampleConfig(), **changes)
+    bad = nonfinite_field(spec)
+    if bad is not None:
+        raise ValueError(f"sample.{bad[0]} must be a finite number, got {bad[1]!r}")
     n = spec.n if n is None else n
     plan = plan_sampling(denoiser, shape, spec, n=n, classifier=classifier, labels=labels, device=device,
                          latent=decode is not None)

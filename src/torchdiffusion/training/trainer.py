@@ -50,7 +50,8 @@ LR_SCHEDULES = ("cosine", "constant")
 RESUMABLE_CHANGES = {"name", "out_dir", "sample", "train.steps", "train.max_minutes", "train.log_every",
                      "train.sample_every", "train.ckpt_every", "train.threads", "train.grad_accum",
                      "train.compile", "train.eval_every", "train.eval_samples", "train.keep_last",
-                     "train.nonfinite_skips", "train.dist_timeout_s"}
+                     "train.nonfinite_skips", "train.dist_timeout_s",
+                     "distill.teacher"}  # a teacher file may move: the task checks its hash instead
 LAST = "last.safetensors"
 KEPT = "step_{:07d}.safetensors"  # an earlier last, kept when a newer one replaces it (train.keep_last)
 LOG_LINE_EVERY_S = 15             # without a progress bar, a status line at most this often
@@ -205,6 +206,8 @@ class Trainer:
         torch.manual_seed(hash_seed(t.seed, 0))  # initialisation
         self.schedule = build_schedule(cfg)
         self.module = build_module(cfg, schedule=self.schedule).to(self.device)
+        if self.task.init is not None:  # e.g. a distilled student starts from its teacher's weights
+            self.task.init(self.module, cfg)
         self.net = self.module.net
         if t.channels_last and self.is_image:
             self.net.to(memory_format=torch.channels_last)
@@ -228,8 +231,10 @@ class Trainer:
 
     @property
     def ema_denoiser(self):
-        """The EMA weights wrapped like the trained module (a denoiser for task 'denoiser')."""
-        return self.ema_module
+        """The EMA weights wrapped like the trained module (a denoiser for task 'denoiser'), as the task samples
+        it (a consistency student in its consistency function)."""
+        serve = self.task.serve
+        return serve(self.ema_module, self.cfg) if serve is not None else self.ema_module
 
     def _check_data_matches_model(self) -> None:
         want = net_input_shape(self.cfg)
@@ -436,6 +441,8 @@ class Trainer:
             raise CheckpointError(
                 f"{self.run_dir} holds a run with a different configuration ({'; '.join(diffs[:6])}). "
                 "Choose another name=..., delete that folder, or pass --no-resume to start over in it.")
+        if self.task.check_resume is not None:  # e.g. a student's teacher is still the same file
+            self.task.check_resume(meta, self.cfg, path)
         opt_state = optimizer_from_flat(groups.get("optim", {}), meta["optimizer"], self.opt, path)
         try:
             self.sampler.load_state_dict(meta["sampler"])  # global position: any world size continues it
