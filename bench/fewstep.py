@@ -3,6 +3,7 @@ teacher (or, for consistency training, from data alone), scored at 1, 2 and 4 ne
 sampler of the exact sampler benchmark at the same NFE.
 
     python bench/fewstep.py exact [--mixtures ring2d mix8d] [--train-steps 4000] [--n 20000] [--json out.json]
+    python bench/fewstep.py images --teacher CKPT [--methods ...] [--steps 2000] [--max-minutes 30] [--json out.json]
 
 Score: sliced-W2 excess of the samples over the floor (two independent data draws of the same size), as in
 bench/samplers.py. Students are the residual MLP of torchdiffusion.nets (EDM preconditioning), trained with Adam and a
@@ -15,6 +16,13 @@ cosine learning rate for `--train-steps` steps of 1024 examples each:
 * ect: consistency tuning of a denoiser first trained with denoising score matching for the same number of steps;
 * rf2 / rf2-1step: the reflowed rectified flow of the exact 1-rectified flow's ODE pairs, sampled with Euler, and
   its one-step distillation.
+
+The images part distils a trained class-conditional image teacher (e.g. the mnist-10min preset's checkpoint) with
+`torchdiffusion distill` for each method (`--steps` training steps, stopped at `--max-minutes` of wall time), and
+scores the students at 1, 2 and 4 network evaluations (progressive: its rounds' students at 4, 2 and 1 DDIM steps;
+consistency students: multistep consistency sampling on the levels of CM_LEVELS scaled to the teacher's sigma_max)
+beside the teacher with its own sampler at `--teacher-nfe` steps: FD over the matched floor
+(``evaluate.evaluate_samples``), class accuracy, and the CPU-minutes (wall minutes x threads) each method took.
 """
 from __future__ import annotations
 
@@ -23,11 +31,17 @@ import copy
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from torchdiffusion.app.distill import run_distill
+from torchdiffusion.build import load_denoiser
+from torchdiffusion.checkpoint import read_meta
 from torchdiffusion.data.toy import random_mixture, ring_mixture
+from torchdiffusion.evaluate import evaluate_samples
+from torchdiffusion.guidance import net_num_classes, requested_labels
 from torchdiffusion.evaluate.metrics import SlicedW2
 from torchdiffusion.fewstep import (ConsistencyDistillation, ConsistencyFunction, ConsistencyTraining,
                                     ConsistencyTuning, CouplingDataset, OneStepDistillation, ProgressiveDistillation,
@@ -35,7 +49,7 @@ from torchdiffusion.fewstep import (ConsistencyDistillation, ConsistencyFunction
 from torchdiffusion.nets import MLPConfig, MLPDenoiserNet
 from torchdiffusion.objectives import DiffusionObjective
 from torchdiffusion.precond import Precond
-from torchdiffusion.sampling import SAMPLERS, get_sigmas
+from torchdiffusion.sampling import SAMPLERS, generate, get_sigmas
 from torchdiffusion.sampling.sigmas import OPTIMIZED_SAMPLER
 from torchdiffusion.schedules import get_schedule
 
@@ -155,6 +169,73 @@ def run(mixture_names=None, n: int = 20_000, train_steps: int = 4000, seed: int 
     return res
 
 
+IMAGE_METHODS = ("progressive", "consistency-distillation", "consistency-tuning")  # from a pixel-space teacher
+IMAGE_QUICK = dict(steps=2, samples=64, floor_draws=2, bootstrap=10)
+
+
+def images(teacher: str, methods_: tuple, *, steps: int, max_minutes: float, n: int, teacher_nfe: int,
+           floor_draws: int, bootstrap: int, out_dir: str, threads: int, log=print) -> dict:
+    """The images part (see the module docstring): one row per (method, NFE) and the teacher's row."""
+    den, cfg, meta = load_denoiser(teacher)
+    shape = tuple(meta["data_shape"])
+    score = lambda d, c, **kw: _score_shape(d, c, shape, n, floor_draws, bootstrap, **kw)  # noqa: E731
+    rows = [{"method": "teacher", "nfe": teacher_nfe, "cpu_minutes": None,
+             **score(den, cfg, steps=teacher_nfe)}]
+    log(f"teacher at {teacher_nfe} steps: FD {rows[0]['fd']:.2f} ({rows[0]['fd_ratio']:.2f}x the floor)")
+    sigma_max = float(get_sigmas(den.schedule, 1)[0]) if hasattr(den, "schedule") else SIGMA_MAX
+    for method in methods_:
+        over = [f"out_dir={out_dir}", f"name={method}", f"train.steps={steps}", f"train.max_minutes={max_minutes}",
+                f"train.threads={threads}", "train.sample_every=0"]
+        if method == "progressive":
+            over.append("distill.teacher_steps=8")  # rounds 8 -> 4 -> 2 -> 1 student steps
+        t0 = time.time()
+        result = run_distill(method, teacher, over, log_lines=False)
+        cpu_minutes = (time.time() - t0) / 60 * threads
+        if method == "progressive":
+            students = [(r["sample_steps"], r["checkpoint"]) for r in result["runs"]]
+        else:
+            students = [(k, result["runs"][-1]["checkpoint"]) for k in NFES]
+        for nfe, ckpt in students:
+            sden, scfg, _ = load_denoiser(ckpt)
+            extra = {}
+            if scfg.sample.sampler == "consistency":
+                extra = {"sigmas": tuple(sigma_max * v / CM_LEVELS[1][0] for v in CM_LEVELS[nfe]) + (0.0,),
+                         "steps": nfe}
+            row = {"method": method, "nfe": nfe, "cpu_minutes": cpu_minutes,
+                   "train_steps": read_step(ckpt), **score(sden, scfg, **extra)}
+            rows.append(row)
+            log(f"{method} NFE {nfe}: FD {row['fd']:.2f} ({row['fd_ratio']:.2f}x), {cpu_minutes:.1f} CPU-min")
+    return {"teacher": teacher, "dataset": cfg.data.dataset, "samples": n, "rows": rows}
+
+
+def read_step(ckpt) -> int:
+    return int(read_meta(ckpt)["step"])
+
+
+def _score_shape(den, cfg, shape, n, floor_draws, bootstrap, **sample) -> dict:
+    spec = replace(cfg.sample, **sample)
+    labels = requested_labels(n, -1, spec.guidance, net_num_classes(den))
+    t0 = time.time()
+    x = generate(den, shape, spec, n=n, labels=labels)
+    ms = 1000 * (time.time() - t0) / n
+    r = evaluate_samples(x, cfg.data.dataset, labels=labels, floor_draws=floor_draws, bootstrap=bootstrap,
+                         fd_inf=False)
+    return {"fd": r["fd"], "fd_floor": r["fd_floor"], "fd_ratio": r["fd_ratio"], "accuracy": r.get("accuracy"),
+            "ms_per_image": ms}
+
+
+def images_table(res: dict) -> str:
+    out = [f"{res['dataset']}: FD over the matched floor, {res['samples']} samples (teacher {res['teacher']})", "",
+           "| method | NFE | training steps | CPU-minutes | FD | floor | FD / floor | accuracy | ms/img |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        cpu = f"{r['cpu_minutes']:.1f}" if r["cpu_minutes"] is not None else "-"
+        acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "-"
+        out.append(f"| {r['method']} | {r['nfe']} | {r.get('train_steps', '-')} | {cpu} | {r['fd']:.2f} | "
+                   f"{r['fd_floor']:.2f} | {r['fd_ratio']:.2f} | {acc} | {r['ms_per_image']:.1f} |")
+    return "\n".join(out)
+
+
 def table(res: dict) -> str:
     out = []
     for mname, r in res["mixtures"].items():
@@ -170,18 +251,44 @@ def table(res: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["exact"], help="exact: mixtures with the exact teacher")
-    p.add_argument("--mixtures", nargs="*", default=None, help="ring2d, mix8d")
-    p.add_argument("--n", type=int, default=20_000, help="samples per score")
-    p.add_argument("--train-steps", type=int, default=4000, help="training steps of every student")
+    p.add_argument("part", choices=["exact", "images"], help="exact: mixtures with the exact teacher; images: "
+                   "students of a trained image teacher")
+    p.add_argument("--mixtures", nargs="*", default=None, help="exact: ring2d, mix8d")
+    p.add_argument("--n", type=int, default=20_000, help="exact: samples per score")
+    p.add_argument("--train-steps", type=int, default=4000, help="exact: training steps of every student")
+    p.add_argument("--teacher", default=None, help="images: the teacher checkpoint (class-conditional, pixels)")
+    p.add_argument("--methods", nargs="+", default=list(IMAGE_METHODS), help=f"images: from {', '.join(IMAGE_METHODS)}")
+    p.add_argument("--steps", type=int, default=2000, help="images: training steps per student (per PD round)")
+    p.add_argument("--max-minutes", type=float, default=30.0, help="images: wall-time cap per student run")
+    p.add_argument("--samples", type=int, default=1000, help="images: samples per score")
+    p.add_argument("--teacher-nfe", type=int, default=20, help="images: the teacher's sampling steps")
+    p.add_argument("--floor-draws", type=int, default=5, help="images: real floor sets per score")
+    p.add_argument("--bootstrap", type=int, default=200, help="images: bootstrap resamples for the FD spread")
+    p.add_argument("--out-dir", default="outputs/bench_fewstep", help="images: where the students' runs go")
+    p.add_argument("--quick", action="store_true", help="images smoke setting: " + ", ".join(
+        f"{k}={v}" for k, v in IMAGE_QUICK.items()))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    res = run(a.mixtures, a.n, a.train_steps)
+    if a.part == "exact":
+        res = run(a.mixtures, a.n, a.train_steps)
+        text = table(res)
+    else:
+        if not a.teacher:
+            p.error("images needs --teacher CKPT (e.g. a mnist-10min checkpoint)")
+        for m in a.methods:
+            if m not in IMAGE_METHODS:
+                p.error(f"unknown image method {m!r}; choose from {', '.join(IMAGE_METHODS)}")
+        q = IMAGE_QUICK if a.quick else dict(steps=a.steps, samples=a.samples, floor_draws=a.floor_draws,
+                                             bootstrap=a.bootstrap)
+        res = images(a.teacher, tuple(a.methods), steps=q["steps"], max_minutes=a.max_minutes, n=q["samples"],
+                     teacher_nfe=a.teacher_nfe, floor_draws=q["floor_draws"], bootstrap=q["bootstrap"],
+                     out_dir=a.out_dir, threads=a.threads)
+        text = images_table(res)
     res["seconds"] = round(time.time() - t0, 1)
-    print(table(res))
+    print(text)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(res, indent=2))
