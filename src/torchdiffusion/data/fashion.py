@@ -39,7 +39,7 @@ import torch
 
 from ..utils import check_choice
 from .cache import cache_dir
-from .mnist import _write_atomic, check_arrays, read_idx, read_mnist_npz
+from .mnist import read_idx, read_mnist_npz, write_first_valid
 
 FASHION_DIR = "fashion-mnist"                   # folder in the cache
 FASHION_MIRRORS = (
@@ -217,15 +217,8 @@ def prepare_fashion_mnist(root=None, *, verbose: bool = True, force: bool = Fals
         return path
     attempts, start = [], time.perf_counter()
     for source in sources:
-        for label, fn in _tries(source, path.parent, timeout, verbose):
-            try:
-                arrays = check_arrays(fn())
-            except Exception as e:  # any failure: report it and try the next source
-                attempts.append(f"  - {label}: {type(e).__name__}: {e}")
-                _log(f"{label} failed: {e}", verbose and source != "local")
-                continue
-            _write_atomic(path, arrays)
-            _log(f"wrote {path} from {label} in {time.perf_counter() - start:.1f}s", verbose)
+        if write_first_valid(_tries(source, path.parent, timeout, verbose), path, attempts, start=start,
+                             verbose=verbose, quiet=source == "local"):
             return path
     raise _not_found(path.parent, attempts)
 

