@@ -34,12 +34,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from ..utils import check_choice
 from .cache import cache_dir
-from .mnist import read_idx, read_mnist_npz, write_first_valid
+from .mnist import read_idx, read_mnist_npz, split_tensors, write_first_valid
 
 FASHION_DIR = "fashion-mnist"                   # folder in the cache
 FASHION_MIRRORS = (
@@ -230,7 +227,4 @@ def load_fashion_mnist(split: str = "train", root=None, *, verbose: bool = True)
     path = fashion_path(root)
     if not path.exists():
         prepare_fashion_mnist(root, verbose=verbose)
-    arrays = read_fashion_npz(path)
-    x = torch.from_numpy(np.ascontiguousarray(arrays[f"x_{split}"]))[:, None]
-    y = torch.from_numpy(arrays[f"y_{split}"].astype(np.int64))
-    return x, y
+    return split_tensors(read_fashion_npz(path), split)

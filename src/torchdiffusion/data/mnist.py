@@ -336,7 +336,11 @@ def load_mnist(split: str = "train", root=None, *, verbose: bool = True):
     path = mnist_path(root)
     if not path.exists():
         prepare_mnist(root, verbose=verbose)
-    arrays = read_mnist_npz(path)
+    return split_tensors(read_mnist_npz(path), split)
+
+
+def split_tensors(arrays: dict, split: str):
+    """(uint8 images (N, 1, 28, 28), int64 labels (N,)) of one split of checked MNIST-layout arrays."""
     x = torch.from_numpy(np.ascontiguousarray(arrays[f"x_{split}"]))[:, None]
     y = torch.from_numpy(arrays[f"y_{split}"].astype(np.int64))
     return x, y

@@ -64,32 +64,35 @@ def as_time_vector(t, n: int, device) -> torch.Tensor:
 GUIDANCE_EMBED_SCALE = 1000.0  # a guidance scale s is embedded like the timestep 1000 s (Luo et al. 2023, LCM)
 
 
+def add_input_embedding(emb: torch.Tensor, embed, value, *, name: str, flag: str, missing: str,
+                        scale: float = 1.0) -> torch.Tensor:
+    """emb + embed(scale * value) for a net built with an extra scalar input per example (N,) embedded like time;
+    a net without it (embed None) refuses a value, one with it needs it (`missing` says how to give it)."""
+    if embed is None:
+        if value is not None:
+            raise ValueError(f"{name} given but the net was built with {flag}=False")
+        return emb
+    if value is None:
+        raise ValueError(missing)
+    return emb + embed(scale * as_time_vector(value, emb.shape[0], emb.device))
+
+
 def add_guidance_embedding(emb: torch.Tensor, guidance_embed, guidance_scale) -> torch.Tensor:
     """emb + guidance_embed(GUIDANCE_EMBED_SCALE s) for a net that takes the guidance scale s (N,) as an input (a
     latent consistency student); a net without that input refuses it, and one with it needs it."""
-    if guidance_embed is None:
-        if guidance_scale is not None:
-            raise ValueError("guidance_scale given but the net was built with guidance_embed=False")
-        return emb
-    if guidance_scale is None:
-        raise ValueError("this net takes the guidance scale as an input (guidance_embed=True): pass guidance_scale, "
-                         "e.g. sample with guidance 'embedded' and a guidance_scale")
-    s = as_time_vector(guidance_scale, emb.shape[0], emb.device)
-    return emb + guidance_embed(GUIDANCE_EMBED_SCALE * s)
+    return add_input_embedding(emb, guidance_embed, guidance_scale, name="guidance_scale", flag="guidance_embed",
+                               scale=GUIDANCE_EMBED_SCALE,
+                               missing="this net takes the guidance scale as an input (guidance_embed=True): pass "
+                                       "guidance_scale, e.g. sample with guidance 'embedded' and a guidance_scale")
 
 
 def add_interval_embedding(emb: torch.Tensor, interval_embed, interval) -> torch.Tensor:
     """emb + interval_embed(d) for a net with a second time input, the interval d = t - r (N,) in the units of its
     time t (a MeanFlow student's average velocity u(z_t, r, t) is conditioned on (t, t - r); Geng et al. 2025,
     sec. 4.3); a net without that input refuses it, and one with it needs it."""
-    if interval_embed is None:
-        if interval is not None:
-            raise ValueError("interval given but the net was built with interval_embed=False")
-        return emb
-    if interval is None:
-        raise ValueError("this net takes a second time input (interval_embed=True): pass interval (t - r), e.g. "
-                         "through a MeanFlow denoiser (torchdiffusion.fewstep.meanflow)")
-    return emb + interval_embed(as_time_vector(interval, emb.shape[0], emb.device))
+    return add_input_embedding(emb, interval_embed, interval, name="interval", flag="interval_embed",
+                               missing="this net takes a second time input (interval_embed=True): pass interval "
+                                       "(t - r), e.g. through a MeanFlow denoiser (torchdiffusion.fewstep.meanflow)")
 
 
 def class_embedding(class_embed, class_labels, num_classes, n: int, device) -> torch.Tensor | None:
