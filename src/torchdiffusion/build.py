@@ -27,7 +27,7 @@ from .data import make_dataset
 from .fewstep import CouplingDataset, make_coupling
 from .fewstep.methods import (METHODS, NEW_INPUTS, coupling_sigmas, default_spacing, make_objective, round_steps,
                               rounds_of, sample_defaults, served, student_denoiser, usable_spacing)
-from .latent.codec import SCALE_EXAMPLES, LatentCodec, LatentDataset, cache_key, file_sha256, latent_scale
+from .latent.codec import SCALE_EXAMPLES, LatentCodec, LatentDataset, cache_key, latent_scale
 from .latent.objective import AutoencoderModule, AutoencoderObjective
 from .latent.perceptual import perceptual_distance
 from .nets import NETS
@@ -35,7 +35,7 @@ from .objectives import ClassifierObjective, DiffusionObjective
 from .precond import DenoiserTransform, Precond, SigmaClassifier
 from .sampling import get_sampler
 from .schedules import DISCRETE_SCHEDULES, Schedule, get_schedule
-from .utils import check_choice, hash_seed
+from .utils import cached_file_sha256, check_choice, file_sha256, hash_seed
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,6 @@ def codec_for(cfg: RunConfig, meta: dict, path="the checkpoint") -> LatentCodec 
 NO_TEACHER = "-"                        # `distill METHOD -`: a method without a teacher, on a preset or YAML run
 COUPLING_FILE = "coupling.safetensors"  # a reflow / one-step run's noise-sample pairs, drawn once, in its folder
 COUPLING_STREAM = 5                     # hash_seed(train.seed, COUPLING_STREAM) seeds the couplings' noise, labels
-_HASHES: dict = {}                      # (file, size, mtime) -> sha256: each version of a teacher is hashed once
 
 
 class FollowInput(DenoiserTransform):
@@ -283,12 +282,7 @@ def teacher_file(path) -> Path:
 
 def teacher_sha256(path) -> str:
     """The SHA-256 of the teacher checkpoint file, what a student's checkpoints record and a continuation checks."""
-    p = teacher_file(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = file_sha256(p)
-    return _HASHES[key]
+    return cached_file_sha256(teacher_file(path))
 
 
 def teacher_meta(cfg: RunConfig) -> dict:

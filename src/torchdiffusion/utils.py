@@ -1,7 +1,9 @@
 """Small helpers shared across the library: broadcasting, random numbers, validation."""
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -100,3 +102,25 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 LOG2 = math.log(2.0)
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_FILE_HASHES: dict = {}  # (resolved path, size, mtime) -> sha256: each version of a file is hashed once
+
+
+def cached_file_sha256(path) -> str:
+    """:func:`file_sha256`, computed once per (path, size, modification time)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(p)
+    return _FILE_HASHES[key]

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..data import cache_dir, load_fashion_mnist, load_mnist, make_dataset
-from ..utils import check_choice, hash_seed
-from .inception import inception_weights_path, load_inception, sha256_file
+from ..utils import cached_file_sha256, check_choice, hash_seed
+from .inception import inception_weights_path, load_inception
 
 FEATURE_DATASETS = ("mnist", "fashion-mnist")
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
@@ -226,17 +226,7 @@ def classify(images: torch.Tensor, dataset: str = "mnist") -> torch.Tensor:
     return torch.cat([net(b.float()).argmax(1) for b in images.split(FEATURE_BATCH)])
 
 
-_HASHES: dict = {}
-
-
-def file_hash(path) -> str:
-    """SHA-256 of a file, computed once per (path, size, modification time)."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = sha256_file(p)
-    return _HASHES[key]
+file_hash = cached_file_sha256  # the feature network's file, hashed once per version
 
 
 _DATASETS: dict = {}

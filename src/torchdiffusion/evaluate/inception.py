@@ -12,7 +12,6 @@ antialiasing), mapped to [-1, 1]; grayscale is repeated to 3 channels (PIL ``con
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import cache_dir
+from ..utils import file_sha256
 
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # SHA-256 of the file above; torch.hub names release files by the first 8 hex digits of it ("6726825d").
@@ -194,12 +194,7 @@ def inception_weights_path() -> Path:
     return cache_dir() / "weights" / INCEPTION_WEIGHTS_FILE
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256  # the weight file's checksum
 
 
 _MODEL: dict = {}

@@ -8,7 +8,6 @@ sample z = (mean + std eps) * scale for every example of every batch, from the t
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -19,19 +18,11 @@ from tqdm.auto import tqdm
 
 from ..data import cache_dir
 from ..nets.autoencoder import KLAutoencoder
-from ..utils import randn
+from ..utils import file_sha256, randn
 
 ENCODE_BATCH = 500         # images per encoder batch
 SCALE_EXAMPLES = 2048      # training images whose posterior samples set the latent scale
 SCALE_SEED = 0x5CA1E       # generator seed of those samples
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LatentCodec(nn.Module):
