@@ -19,6 +19,8 @@ NEVER = {
     "latent": {"training", "evaluate", "app", "build", "config", "viz", "interop", "fewstep"},
     "fewstep": {"nets", "data", "training", "evaluate", "app", "build", "config", "viz", "interop", "latent",
                 "checkpoint"},
+    "discrete": {"core", "edit", "sampling", "nets", "data", "training", "evaluate", "app", "build", "config",
+                 "checkpoint", "viz", "interop", "latent", "fewstep"},
     "config": {"training", "evaluate", "app", "viz", "build"},
     "checkpoint": {"core", "edit", "sampling", "nets", "data", "training", "evaluate", "app", "build", "config", "viz"},
     "viz": {"core", "edit", "sampling", "nets", "data", "training", "evaluate", "app", "build", "config",

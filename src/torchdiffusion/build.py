@@ -8,6 +8,8 @@ A run's ``task`` says what it trains; each task pairs a wrapper of the raw netwo
     noisy_classifier  SigmaClassifier: (x, sigma) -> logits     ClassifierObjective        noisy_classifier
     autoencoder       AutoencoderModule                         AutoencoderObjective       autoencoder
     distill           a student denoiser (fewstep.methods)      the method's objective     unet, dit, uvit, mlp
+    text              TextModule: (x_t, t) -> logits            DiscreteObjective (mdlm,   text_transformer
+                                                                d3pm), NextTokenObjective (ar)
 """
 from __future__ import annotations
 
@@ -18,19 +20,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .checkpoint import CheckpointError, check_tensors, load_checkpoint, read_meta, save_checkpoint
-from .config import (ConfigError, RunConfig, from_dict, load_config, parse_overrides, set_by_path, to_dict,
-                     upgrade_config, validate)
+from .config import (TEXT_NET, TEXT_OBJECTIVES, ConfigError, RunConfig, from_dict, load_config, parse_overrides,
+                     set_by_path, text_derived, to_dict, upgrade_config, validate)
+from .discrete import DiscreteObjective, bits_per_character
 from .interop.diffusers import is_diffusers_folder, load_diffusers
-from .data import make_dataset
+from .data import make_dataset, make_text_dataset, tokenizer_from_dict
 from .fewstep import CouplingDataset, make_coupling
 from .fewstep.methods import (METHODS, NEW_INPUTS, coupling_sigmas, default_spacing, make_objective, round_steps,
                               rounds_of, sample_defaults, served, student_denoiser, usable_spacing)
 from .latent.codec import SCALE_EXAMPLES, LatentCodec, LatentDataset, cache_key, latent_scale
 from .latent.objective import AutoencoderModule, AutoencoderObjective
 from .latent.perceptual import perceptual_distance
-from .nets import NETS
+from .nets import NETS, TextTransformerConfig, shift_for_next_token
 from .objectives import ClassifierObjective, DiffusionObjective
 from .precond import DenoiserTransform, Precond, SigmaClassifier
 from .sampling import get_sampler
@@ -45,7 +50,10 @@ class Task:
     `save_meta(trainer) -> dict`, what its checkpoints record beside the weights; `init(module, cfg)`, what a new
     run does to its fresh module (a student takes its teacher's weights); `check_resume(meta, cfg, path)`, what a
     continued run checks in the checkpoint it continues (a student's teacher is the same file); `serve(module,
-    cfg)`, the trained module as it is sampled (a consistency student in its consistency function)."""
+    cfg)`, the trained module as it is sampled (a consistency student in its consistency function);
+    `configure(cfg, data) -> cfg`, what a new run's configuration takes from its training data (text: the
+    tokeniser's vocabulary); `validation(cfg, data) -> fn(module) -> float`, the validation loss that picks the
+    best checkpoint when the task has its own (text: bits per character of validation windows)."""
 
     wrap: Callable
     objective: Callable
@@ -55,6 +63,8 @@ class Task:
     init: Callable | None = None
     check_resume: Callable | None = None
     serve: Callable | None = None
+    configure: Callable | None = None
+    validation: Callable | None = None
 
 
 TASKS = {
@@ -82,6 +92,13 @@ TASKS = {
         init=lambda module, cfg: init_student(module, cfg),
         check_resume=lambda meta, cfg, path: check_teacher(meta, cfg, path),
         serve=lambda module, cfg: served(module, cfg.distill, module.schedule)),
+    "text": Task(
+        wrap=lambda net, schedule, cfg: TextModule(net),
+        objective=lambda schedule, cfg: text_objective(cfg),
+        kinds=("text_transformer",), samples=False,
+        save_meta=lambda trainer: {"tokenizer": trainer.data.tokenizer.to_dict()},
+        configure=lambda cfg, data: text_config(cfg, data.tokenizer.vocab_size),
+        validation=lambda cfg, data: text_validation(cfg, data.tokenizer)),
 }
 
 
@@ -137,6 +154,8 @@ def net_input_shape(cfg: RunConfig) -> tuple:
     c = net_config(cfg)
     if hasattr(c, "dim"):
         return (c.dim,)
+    if hasattr(c, "seq_len"):  # token ids (L,)
+        return (c.seq_len,)
     size = (c.image_size, c.image_size) if isinstance(c.image_size, int) else tuple(c.image_size)
     return (c.in_channels, *size)
 
@@ -180,7 +199,8 @@ def load_model(path: str | Path, *, task: str | None = None, use_ema: bool = Tru
     meta, groups = load_checkpoint(path, device=device)
     cfg = config_from_meta(meta, path)
     if task is not None and cfg.task != task and not (task == "denoiser" and TASKS[cfg.task].samples):
-        hint = {"denoiser": "load_denoiser", "noisy_classifier": "load_noisy_classifier"}.get(cfg.task, "load_model")
+        hint = {"denoiser": "load_denoiser", "noisy_classifier": "load_noisy_classifier",
+                "text": "load_text_model (torchdiffusion generate-text)"}.get(cfg.task, "load_model")
         raise CheckpointError(f"{path} holds a {cfg.task!r} model, not a {task!r} one; load it with {hint}")
     group = "ema" if use_ema and groups.get("ema") else "model"
     if not groups.get(group):
@@ -224,6 +244,8 @@ def build_dataset(cfg: RunConfig, split: str = "train", *, progress: bool = True
     if cfg.task == "distill" and METHODS[cfg.distill.method].coupled and split == "train":
         return coupling_dataset(cfg)
     d = cfg.data
+    if cfg.task == "text":
+        return text_dataset(cfg, split, verbose=progress)
     images = make_dataset(d.dataset, split=split, image_size=d.image_size, subset=d.subset)
     if not d.autoencoder:
         return images
@@ -470,3 +492,119 @@ def progressive_rounds(cfg: RunConfig) -> list[RunConfig]:
         runs.append(validate(c))
         teacher = str(c.run_dir / "checkpoints" / "last.safetensors")
     return runs
+
+
+# --------------------------------------------------------------------------------------- text language models
+TEXT_VAL_SEED = 0x7E47  # the validation windows' time draws and noise (fixed: every checkpoint sees the same)
+
+
+class TextModule(nn.Module):
+    """The text task's module: its network as the discrete objectives and samplers call a model,
+    ``model(x_t, t) -> logits`` (docs/text.md); ``.net`` holds the weights."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t=None, **cond) -> torch.Tensor:
+        return self.net(x, t, **cond)  # (N, L, V_out)
+
+
+class NextTokenObjective:
+    """The autoregressive baseline's loss (Radford et al. 2019): -log p(x) = sum_i CE(logits_i, x_i) with
+    inputs [BOS, x_0 .. x_{L-2}] (:func:`~torchdiffusion.nets.shift_for_next_token`), exact, in nats per
+    sequence (`per_sample`, (N,)) or per token (the call). `vocab_size` K; BOS is id K."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def per_sample(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
+        inputs, targets = shift_for_next_token(x0, self.vocab_size)  # (N, L) each
+        logits = model(inputs, None, **(cond or {}))  # (N, L, K)
+        return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").sum(1)
+
+    def __call__(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
+        return self.per_sample(model, x0, cond).mean() / x0.shape[1]
+
+
+def text_config(cfg: RunConfig, vocab_size: int) -> RunConfig:
+    """The text run's configuration with what follows from its data and objective written in: the network's
+    vocab_size (the tokeniser's), seq_len (data.seq_len), mask_token, causal and time_cond (text.objective), and
+    the loss's process. A vocab_size set by hand to another value is refused."""
+    net = cfg.model.text_transformer
+    if net.vocab_size not in (vocab_size, TextTransformerConfig().vocab_size):
+        raise ConfigError(f"{TEXT_NET}.vocab_size={net.vocab_size} contradicts the {cfg.data.tokenizer} tokeniser of "
+                          f"{cfg.data.dataset!r}, which has {vocab_size} tokens: leave {TEXT_NET}.vocab_size out")
+    model = dataclasses.replace(cfg.model, text_transformer=net.replace(vocab_size=vocab_size, **text_derived(cfg)))
+    process = TEXT_OBJECTIVES[cfg.text.objective]["process"]
+    loss = dataclasses.replace(cfg.text.loss, process=process) if process else cfg.text.loss
+    return validate(dataclasses.replace(cfg, model=model, text=dataclasses.replace(cfg.text, loss=loss)))
+
+
+def text_objective(cfg: RunConfig, *, evaluation: bool = False):
+    """mdlm / d3pm: DiscreteObjective on text.loss; ar: NextTokenObjective. `evaluation`: the bound itself (for
+    d3pm L_vb, the hybrid loss's lambda set to 0) with independent time draws per window (no antithetic strata over
+    the batch), so a window's estimate does not depend on its batch."""
+    k = cfg.model.text_transformer.vocab_size
+    if cfg.text.objective == "ar":
+        return NextTokenObjective(k)
+    loss = cfg.text.loss
+    if evaluation:
+        loss = dataclasses.replace(loss, antithetic=False, hybrid_weight=0.0)
+    return DiscreteObjective(k, loss)
+
+
+def text_dataset(cfg: RunConfig, split: str = "train", tokenizer=None, *, verbose: bool = True):
+    """TextWindows of data.seq_len tokens of one split of data.dataset, with data.tokenizer (or the given tokeniser
+    object, e.g. a checkpoint's)."""
+    d = cfg.data
+    return make_text_dataset(d.dataset, split, seq_len=d.seq_len, tokenizer=tokenizer or d.tokenizer,
+                             verbose=verbose)
+
+
+@torch.no_grad()
+def window_nats(objective, model, x: torch.Tensor, *, draws: int = 1, seed: int = TEXT_VAL_SEED,
+                offset: int = 0) -> torch.Tensor:
+    """The bound (or, for ar, the exact NLL) of each window of x (B, L) in nats, float64 (B,), averaged over `draws`
+    Monte Carlo draws; window i of a split (i = offset + row) draws from a generator seeded by (seed, draw, i), so
+    its estimate does not depend on the batch. An exact objective needs one draw."""
+    draws = 1 if isinstance(objective, NextTokenObjective) else draws
+    device = next(model.parameters()).device
+    x = x.to(device)
+    total = torch.zeros(len(x), dtype=torch.float64)
+    for r in range(draws):
+        gens = [torch.Generator(device=device).manual_seed(hash_seed(seed, r, i))
+                for i in range(offset, offset + len(x))]
+        total += objective.per_sample(model, x, generator=gens).double().cpu()
+    return total / draws
+
+
+def text_validation(cfg: RunConfig, tokenizer):
+    """The text task's validation: bits per character of the first text.valid_windows windows of the validation
+    split, with text.eval_draws fixed time draws per window (the same at every checkpoint)."""
+    windows = text_dataset(cfg, "valid", tokenizer, verbose=False)
+    n = min(cfg.text.valid_windows, windows.num_eval_windows())
+    x = next(windows.eval_batches(n))  # (n, L)
+    objective = text_objective(cfg, evaluation=True)
+
+    chars = text_characters(x, tokenizer)
+
+    def bits_per_char(module) -> float:
+        nats = float(window_nats(objective, module, x, draws=cfg.text.eval_draws).sum())
+        return bits_per_character(nats / x.numel(), tokens=x.numel(), characters=chars)
+    return bits_per_char
+
+
+def text_characters(x: torch.Tensor, tokenizer) -> int:
+    """Characters in token ids x: one per token, or for bytes one per byte that is not a UTF-8 continuation."""
+    if getattr(tokenizer, "kind", "char") == "byte":
+        return int(((x < 0x80) | (x >= 0xC0)).sum())
+    return x.numel()
+
+
+def load_text_model(path, *, use_ema: bool = True, device="cpu"):
+    """A text checkpoint as (TextModule in eval mode, config, meta, tokeniser rebuilt from the metadata)."""
+    module, cfg, meta = load_model(path, task="text", use_ema=use_ema, device=device)
+    if not isinstance(meta.get("tokenizer"), dict):
+        raise CheckpointError(f"{path} holds no tokeniser; every text checkpoint records one")
+    return module, cfg, meta, tokenizer_from_dict(meta["tokenizer"])

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from .nets import AutoencoderConfig, ClassifierConfig, DiTConfig, MLPConfig, NETS, UNetConfig, UViTConfig
+from .discrete import DiscreteObjectiveConfig
+from .nets import (AutoencoderConfig, ClassifierConfig, DiTConfig, MLPConfig, NETS, TextTransformerConfig, UNetConfig,
+                   UViTConfig)
 from .latent.objective import AutoencoderLossConfig
 from .fewstep.methods import DistillConfig, check_distill
 from .objectives import ObjectiveConfig
@@ -30,11 +32,14 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"          # mnist, a folder of images, an .npz file, or a 2-D toy set name
+    dataset: str = "mnist"          # mnist, a folder of images, an .npz file, or a 2-D toy set name; task text:
+                                    # shakespeare, or a UTF-8 text file or folder of .txt files
     image_size: int | None = None   # resize images to this size (None: keep)
     subset: int | None = None       # train on a fixed random subset of N examples
     flip: bool = False              # random horizontal flips (never for digits)
     autoencoder: str = ""           # an autoencoder checkpoint: train on its latents of the data ('' : pixels)
+    seq_len: int = 256              # task text: tokens per window (and the network's positions)
+    tokenizer: str = "char"         # task text: char (the training split's characters) or byte (UTF-8 bytes)
 
 
 @dataclass
@@ -48,13 +53,15 @@ class DiffusionConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"              # the network: unet, dit, uvit, mlp (denoisers), noisy_classifier or autoencoder
+    kind: str = "unet"              # the network: unet, dit, uvit, mlp (denoisers), noisy_classifier, autoencoder or
+                                    # text_transformer (task text)
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     uvit: UViTConfig = field(default_factory=UViTConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     noisy_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_transformer: TextTransformerConfig = field(default_factory=TextTransformerConfig)
 
 
 @dataclass
@@ -86,7 +93,27 @@ class TrainConfig:
     dist_timeout_s: float = 600.0   # data-parallel: seconds a process waits for the others before it fails
 
 
-TASKS = ("denoiser", "noisy_classifier", "autoencoder", "distill")  # what a run trains; see torchdiffusion.build
+TASKS = ("denoiser", "noisy_classifier", "autoencoder", "distill", "text")  # what a run trains; see build
+
+
+@dataclass
+class TextSampleConfig:
+    n: int = 4                      # samples to draw
+    steps: int = 0                  # diffusion sampler steps (blocks: per block; 0: one per generated token)
+    sampler: str = "ancestral"      # ancestral (MDLM / D3PM / left to right for ar), remask (LLaDA) or blocks (BD3-LM)
+    block_size: int = 16            # blocks: tokens per block
+    seed: int = 0                   # sample i draws from the generator seeded (seed, i)
+    blank: str = "_"                # infill templates: the character that marks a position to generate
+
+
+@dataclass
+class TextConfig:
+    objective: str = "mdlm"         # mdlm (absorbing, MDLM's NELBO), d3pm (uniform, hybrid loss) or ar (next token)
+    loss: DiscreteObjectiveConfig = field(default_factory=DiscreteObjectiveConfig)  # mdlm / d3pm: the bound's
+                                    # schedule, eps, steps (d3pm: T > 0), antithetic, hybrid_weight; process follows
+    eval_draws: int = 4             # mdlm / d3pm: Monte Carlo time draws per window when evaluating the bound
+    valid_windows: int = 64         # validation windows (the first of the validation split) at each checkpoint
+    sample: TextSampleConfig = field(default_factory=TextSampleConfig)  # generate-text defaults
 
 
 @dataclass
@@ -102,6 +129,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # task autoencoder
     distill: DistillConfig = field(default_factory=DistillConfig)  # task distill: the method and its teacher
+    text: TextConfig = field(default_factory=TextConfig)  # task text: the objective, its evaluation and sampling
 
     @property
     def run_dir(self) -> Path:
@@ -256,6 +284,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                              "is task 'distill' (torchdiffusion distill METHOD TEACHER)")
         if cfg.task == "distill":
             check_distill(cfg.distill)
+        if cfg.task == "text":
+            check_text(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
@@ -310,6 +340,56 @@ def check_values(cfg: RunConfig) -> None:
     if cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name:
         raise ConfigError(f"name must be a plain folder name (the run goes to out_dir/name), got {cfg.name!r}; "
                           "put the folder of runs in out_dir=...")
+
+
+# task text: objective -> (the discrete process, and the network settings that follow from it; None: free)
+TEXT_OBJECTIVES = {
+    "mdlm": {"process": "absorbing", "mask_token": True, "causal": False, "time_cond": None},
+    "d3pm": {"process": "uniform", "mask_token": False, "causal": False, "time_cond": True},
+    "ar": {"process": None, "mask_token": False, "causal": True, "time_cond": False},
+}
+TEXT_SAMPLERS = ("ancestral", "remask", "blocks")
+TEXT_NET = "model.text_transformer"
+
+
+def text_derived(cfg: RunConfig) -> dict:
+    """The fields of model.text_transformer that follow from the text run (vocab_size comes from the tokeniser,
+    see build.text_config): the positions from data.seq_len, the mask token, causality and time input from
+    text.objective."""
+    rule = TEXT_OBJECTIVES[cfg.text.objective]
+    return {"seq_len": cfg.data.seq_len, **{k: v for k, v in rule.items() if k != "process" and v is not None}}
+
+
+def check_text(cfg: RunConfig) -> None:
+    """Task text: the objective, tokeniser and sampler names, and no setting that contradicts what the objective
+    fixes (a field left at its default is set from the objective; another value than the one it sets is refused)."""
+    t, d = cfg.text, cfg.data
+    check_choice("text.objective", t.objective, TEXT_OBJECTIVES)
+    check_choice("data.tokenizer", d.tokenizer, ("char", "byte"))
+    check_choice("text.sample.sampler", t.sample.sampler, TEXT_SAMPLERS)
+    for key, low in (("data.seq_len", d.seq_len), ("text.eval_draws", t.eval_draws),
+                     ("text.valid_windows", t.valid_windows), ("text.sample.n", t.sample.n),
+                     ("text.sample.block_size", t.sample.block_size)):
+        if low < 1:
+            raise ValueError(f"{key} must be at least 1, got {low}")
+    if t.sample.steps < 0 or len(t.sample.blank) != 1:
+        raise ValueError(f"text.sample.steps must be >= 0 (0: one per token) and text.sample.blank one "
+                         f"character, got {t.sample.steps} and {t.sample.blank!r}")
+    if d.flip or d.autoencoder:
+        raise ValueError("data.flip and data.autoencoder are for images: leave them out of a text run")
+    net, default = cfg.model.text_transformer, TextTransformerConfig()
+    for key, want in text_derived(cfg).items():
+        got = getattr(net, key)
+        if got != want and got != getattr(default, key):
+            what = "data.seq_len" if key == "seq_len" else f"text.objective={t.objective!r}"
+            raise ValueError(f"{TEXT_NET}.{key}={got!r} contradicts {what}, which sets it to {want!r}: leave "
+                             f"{TEXT_NET}.{key} out (it follows from {what})")
+    process = TEXT_OBJECTIVES[t.objective]["process"]
+    if process is not None and t.loss.process not in (process, DiscreteObjectiveConfig().process):
+        raise ValueError(f"text.loss.process={t.loss.process!r} contradicts text.objective={t.objective!r} (the "
+                         f"{process} process): leave text.loss.process out")
+    if t.objective == "d3pm" and t.loss.steps < 1:
+        raise ValueError("text.objective 'd3pm' is D3PM's T-step hybrid loss: set text.loss.steps to T, e.g. 1000")
 
 
 def presets() -> list[str]:

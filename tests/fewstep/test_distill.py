@@ -80,7 +80,10 @@ def test_each_method_distils_through_the_cli_and_samples_with_its_sampler(method
     assert drawn["sampler"] == sampler and x.shape == (5, 2) and np.isfinite(x).all()
     if sampler == "consistency":  # multistep: denoise at 20, re-noise to 0.5, denoise again
         assert main(["sample", str(ckpt), "--n", "5", "--sigmas", "20,0.5", "--out", str(tmp_path / "two")]) == 0
-        two = np.load(out_json(capsys)["npz"])["samples"]
+        drawn_two = out_json(capsys)
+        two = np.load(drawn_two["npz"])["samples"]
+        assert drawn_two["steps"] == 2 and drawn_two["sigmas"] == [20.0, 0.5]  # the grid's steps, not sample.steps
+        assert f"_{2}steps_" in Path(drawn_two["npz"]).name
         assert two.shape == (5, 2) and np.isfinite(two).all() and not np.array_equal(two, x)
 
 

@@ -1,5 +1,5 @@
 """Command line: ``torchdiffusion {train,distill,sample,demo,config,prepare-data,train-feature-net,evaluate,inpaint,
-img2img,invert,interpolate,export,report,bench}``.
+img2img,invert,interpolate,export,report,bench,generate-text}``.
 
 Run options come from the configuration dataclasses (``torchdiffusion.config``): give a preset or a YAML
 file with ``--config`` and change any field with ``key=value`` (e.g. ``train.steps=500 model.unet.channels=64``).
@@ -21,20 +21,21 @@ import yaml
 
 from .. import __version__, viz
 from ..build import NO_TEACHER, codec_for, load_denoiser, load_noisy_classifier, net_input_shape
-from ..checkpoint import CheckpointError
-from ..config import ConfigError, check_sample_values, load_config, presets, to_dict
-from ..data import prepare_fashion_mnist, prepare_mnist
+from ..checkpoint import CheckpointError, read_meta
+from ..config import ConfigError, TextSampleConfig, check_sample_values, load_config, presets, to_dict
+from ..data import prepare_fashion_mnist, prepare_mnist, prepare_shakespeare, prepare_text
 from ..edit import STEP_SAMPLERS, edit_plan, sample_cascade, sdedit_sigmas
 from ..evaluate import (FEATURE_DATASETS, evaluate_samples, feature_net_metadata, feature_net_path,
                         train_feature_net)
 from ..evaluate.quality import FLOOR_DRAWS, num_classes
 from ..evaluate.report import evaluate_checkpoint, format_table
+from ..evaluate.text import evaluate_text_checkpoint, format_text_table
 from ..fewstep import METHODS
 from ..guidance import class_labels_for
 from ..interop.diffusers import export_diffusers
 from ..interop.export import FORMATS, ONNX_OPSET, SUFFIXES, export, input_names
 from ..latent.edit import Edits
-from ..sampling import SampleConfig, generate
+from ..sampling import SampleConfig, generate, grid_steps
 from ..training import dist_info, train
 from ..utils import check_choice, sample_generators
 from .demo import run_demo
@@ -42,6 +43,7 @@ from .distill import run_distill
 from .hooks import standard_hooks
 from .inputs import load_images, load_samples, make_mask
 from .run_report import write_report
+from .text import generate_text, write_text_samples
 
 NONE_ARG = "none"  # `--class-label none`: unconditional, whatever the run's sample.class_label says
 BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"  # the benchmarks of a source checkout
@@ -186,7 +188,8 @@ def cmd_sample(args) -> int:
     s = _spec(cfg.sample, args)
     shape = tuple(meta["data_shape"])
     out = _writable(Path(args.out) if args.out else cfg.run_dir / "samples")
-    stem = f"{s.sampler}_{s.steps}steps_seed{s.seed}"
+    steps = grid_steps(s)  # an explicit --sigmas grid sets the step count, not sample.steps
+    stem = f"{s.sampler}_{steps}steps_seed{s.seed}"
     if s.sr_checkpoint:
         return _sample_cascade(denoiser, shape, s, out, stem, meta)
     codec = codec_for(cfg, meta, args.checkpoint)  # a model on latents: decode its samples
@@ -197,7 +200,8 @@ def cmd_sample(args) -> int:
     if s.guidance != "none":
         stem += f"_{s.guidance}{s.guidance_scale:g}"
     files = viz.save_samples(x, out, stem)
-    print(json.dumps({"n": s.n, "sampler": s.sampler, "steps": s.steps, "spacing": s.spacing,
+    print(json.dumps({"n": s.n, "sampler": s.sampler, "steps": steps,
+                      **({"sigmas": list(s.sigmas)} if s.sigmas else {"spacing": s.spacing}),
                       "checkpoint_step": meta.get("step"), **files}, indent=2))
     return 0
 
@@ -213,7 +217,7 @@ def _sample_cascade(base, base_shape, s: SampleConfig, out: Path, stem: str, met
     files["pairs"] = str(viz.image_table([list(low[:k]), list(high[:k])], out / f"{stem}_pairs.png",
                                          row_titles=[f"base {low.shape[-1]}x{low.shape[-2]}",
                                                      f"SR {high.shape[-1]}x{high.shape[-2]}"]))
-    print(json.dumps({"n": s.n, "sampler": s.sampler, "steps": s.steps, "sr_aug_sigma": s.sr_aug_sigma,
+    print(json.dumps({"n": s.n, "sampler": s.sampler, "steps": grid_steps(s), "sr_aug_sigma": s.sr_aug_sigma,
                       "checkpoint_step": meta.get("step"), **files}, indent=2))
     return 0
 
@@ -295,12 +299,50 @@ def cmd_config(args) -> int:
     return 0
 
 
-PREPARE = {"mnist": prepare_mnist, "fashion-mnist": prepare_fashion_mnist}  # prepare-data --dataset
+PREPARE = {"mnist": prepare_mnist, "fashion-mnist": prepare_fashion_mnist,  # prepare-data --dataset
+           "shakespeare": prepare_shakespeare}
 
 
 def cmd_prepare_data(args) -> int:
-    print(PREPARE[args.dataset](force=args.force))
+    if args.dataset in PREPARE:
+        print(PREPARE[args.dataset](force=args.force))
+    elif Path(args.dataset).exists():  # a UTF-8 text file or a folder of .txt files
+        print(prepare_text(args.dataset, force=args.force))
+    else:
+        raise ValueError(f"unknown --dataset {args.dataset!r}; allowed values: {', '.join(sorted(PREPARE))}, or the "
+                         "path of a UTF-8 text file or folder of .txt files")
     return 0
+
+
+def _text_checkpoint(target: Path) -> Path | None:
+    """The checkpoint file of `target` when it holds a text model (task text), else None."""
+    path = target / "last.safetensors" if target.is_dir() else target
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    return path if (read_meta(path).get("config") or {}).get("task") == "text" else None
+
+
+def cmd_generate_text(args) -> int:
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TextSampleConfig)
+               if getattr(args, f.name) is not None}
+    result = generate_text(args.checkpoint, prompt=args.prompt or "", infill=args.infill or "",
+                           use_ema=not args.no_ema, **options)
+    for i, text in enumerate(result["samples"]):
+        print(f"=== sample {i} ===\n{text}")
+    ckpt = Path(args.checkpoint)
+    run_dir = ckpt.parent.parent if ckpt.is_file() else ckpt.parent
+    txt, js = write_text_samples(result, Path(args.out) if args.out else run_dir / "text")
+    print(f"{result['model_calls']} model calls; wrote {txt} and {js}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_text(path: Path, args) -> dict:
+    """evaluate on a text checkpoint: bits per character of the test and validation splits."""
+    seed = {} if args.seed is None else {"seed": args.seed}  # default: the evaluation's own TEXT_EVAL_SEED
+    result = evaluate_text_checkpoint(path, draws=args.draws, batch_size=args.batch_size or 64,
+                                      use_ema=args.use_ema is not False, **seed)
+    print(format_text_table(result))
+    return result
 
 
 def cmd_train_feature_net(args) -> int:
@@ -318,7 +360,10 @@ def cmd_train_feature_net(args) -> int:
 def cmd_evaluate(args) -> int:
     which = tuple(w for w in (args.likelihood or "").split(",") if w)
     target = Path(args.target)
-    if target.suffix == ".safetensors" or (target.is_dir() and (target / "last.safetensors").exists()):
+    text = _text_checkpoint(target)
+    if text is not None:
+        result = _evaluate_text(text, args)
+    elif target.suffix == ".safetensors" or (target.is_dir() and (target / "last.safetensors").exists()):
         overrides = {k: v for k, v in _sample_overrides(args).items() if k != "n"}
         result = evaluate_checkpoint(target, n=args.n, likelihood=which, likelihood_n=args.likelihood_n,
                                      rtol=args.rtol, progress=sys.stderr.isatty(), seeds=args.seeds,
@@ -334,7 +379,8 @@ def cmd_evaluate(args) -> int:
                                    f"--class-label {label}: the floor has the same class counts"), file=sys.stderr)
         result = {"samples": str(target), **evaluate_samples(x, args.dataset, labels=labels, n_ref=args.n_ref,
                                                              floor_draws=args.floor_draws, seed=args.seed or 0)}
-    print(format_table(result))
+    if text is None:
+        print(format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -410,8 +456,10 @@ def _add_run_commands(sub) -> None:
     _add_config_args(c, None)
     c.set_defaults(func=cmd_config)
 
-    pd = sub.add_parser("prepare-data", help="download / unpack MNIST or Fashion-MNIST into the cache")
-    pd.add_argument("--dataset", default="mnist", choices=sorted(PREPARE), help="which data set (default: mnist)")
+    pd = sub.add_parser("prepare-data", help="download / unpack MNIST, Fashion-MNIST or Shakespeare, or split a "
+                        "text file or folder, into the cache")
+    pd.add_argument("--dataset", default="mnist", help=f"{', '.join(sorted(PREPARE))}, or the path of a UTF-8 text "
+                    "file or folder of .txt files (default: mnist)")
     pd.add_argument("--force", action="store_true", help="rebuild the cached file")
     pd.set_defaults(func=cmd_prepare_data)
 
@@ -456,7 +504,8 @@ def _add_eval_commands(sub) -> None:
 
     ev = sub.add_parser("evaluate", help="FD, FD-infinity, KID, precision/recall beside the matched real floor, class "
                         "coverage (and bits/dim) of a checkpoint or of samples (.npz or folder of PNGs); see "
-                        "docs/evaluation.md")
+                        "docs/evaluation.md. A text checkpoint: bits per character of its test and validation splits "
+                        "(docs/text.md)")
     ev.add_argument("target", help="a .safetensors checkpoint, an .npz of samples (key 'samples') or a PNG folder")
     ev.add_argument("--n", type=int, default=1000, help="samples to draw from a checkpoint (default: 1000)")
     ev.add_argument("--likelihood", default="", help="comma-separated: vlb, ode (checkpoints only; slow)")
@@ -471,6 +520,8 @@ def _add_eval_commands(sub) -> None:
     ev.add_argument("--dataset", default="mnist", choices=FEATURE_DATASETS,
                     help="data set of a samples file (a checkpoint evaluates against its run's; default: mnist)")
     ev.add_argument("--rtol", type=float, default=1e-3, help="ODE solver tolerance (rtol = atol; default: 1e-3)")
+    ev.add_argument("--draws", type=int, default=None, help="text checkpoints (mdlm, d3pm): Monte Carlo time draws "
+                    "per window of the bound (default: the run's text.eval_draws; ar is exact)")
     ev.add_argument("--out", default=None, help="write the results as JSON here")
     _add_sample_args(ev, EVAL_SAMPLE_FIELDS)
     ev.set_defaults(func=cmd_evaluate)
@@ -487,10 +538,27 @@ def _add_eval_commands(sub) -> None:
     x.add_argument("--out", default=None, help="output folder or file (default: the run's export/<format>/)")
     x.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
     x.set_defaults(func=cmd_export)
+    _add_generate_text(sub)
     r = sub.add_parser("report", help="write a self-contained HTML page about a run (RUN_DIR/report.html)")
     r.add_argument("run_dir", help="a run folder (out_dir/name)")
     r.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
     r.set_defaults(func=cmd_report)
+
+
+def _add_generate_text(sub) -> None:
+    """generate-text: one flag per TextSampleConfig field (defaults: the run's text.sample)."""
+    g = sub.add_parser("generate-text", help="generate text from a text checkpoint (mdlm, d3pm or ar; docs/text.md): "
+                       "prints the samples and writes samples.txt and samples.json")
+    g.add_argument("checkpoint", help="a text .safetensors checkpoint or a run's checkpoints folder")
+    for f in dataclasses.fields(TextSampleConfig):
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=None,
+                       help=f"(default: the run's text.sample.{f.name}, else {f.default!r})")
+    g.add_argument("--prompt", default=None, help="fixed text at the start; the rest is generated")
+    g.add_argument("--infill", default=None, help="a template: each blank character (--blank, default "
+                   "'_') is a position to generate, every other character is kept (mdlm, d3pm only)")
+    g.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA ones")
+    g.add_argument("--out", default=None, help="output folder (default: the run's text/ folder)")
+    g.set_defaults(func=cmd_generate_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
-"""Data: the cache folder, MNIST and Fashion-MNIST, image folders and .npz arrays, 2-D toy sets, in-memory datasets
-and a deterministic, resumable batch sampler.
+"""Data: the cache folder, MNIST and Fashion-MNIST, image folders and .npz arrays, 2-D toy sets, in-memory datasets,
+text (tokenisers, Shakespeare, token windows) and a deterministic, resumable batch sampler.
 
 Data sets never live in the repository; downloads go to :func:`cache_dir`.
 """
@@ -18,6 +18,9 @@ from .images import (IMAGE_EXTENSIONS, TensorImageDataset, convert_channels, fin
                      load_npz, resize_images, to_uint8_nchw)
 from .mnist import RestrictedUnpickler, load_mnist, mnist_path, prepare_mnist, read_idx
 from .sampler import EpochSampler
+from .text import (TEXT_DATASETS, TEXT_SPLITS, TOKENIZERS, ByteTokenizer, CharTokenizer, TextWindows,
+                   make_text_dataset, make_tokenizer, prepare_shakespeare, prepare_text, read_split,
+                   tokenizer_from_dict)
 from .toy import TOY_DATASETS, GaussianMixture, ToyDataset, gaussian, make_toy, random_mixture, ring_mixture
 
 MNIST_NAMES = ("mnist", "mnist-test")
@@ -122,5 +125,6 @@ __all__ = [
     "load_fashion_mnist", "prepare_fashion_mnist", "fashion_path", "FASHION_CLASSES", "MNIST_NAMES", "FASHION_NAMES",
     "load_image_folder", "find_image_files", "load_npz", "to_uint8_nchw", "resize_images", "convert_channels",
     "IMAGE_EXTENSIONS", "TOY_DATASETS", "GaussianMixture", "gaussian", "make_toy", "random_mixture",
-    "ring_mixture",
+    "ring_mixture", "TEXT_DATASETS", "TEXT_SPLITS", "TOKENIZERS", "ByteTokenizer", "CharTokenizer", "TextWindows",
+    "make_text_dataset", "make_tokenizer", "prepare_shakespeare", "prepare_text", "read_split", "tokenizer_from_dict",
 ]

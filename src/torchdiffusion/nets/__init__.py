@@ -2,9 +2,11 @@
 
 ``NETS`` is the registry: a kind names a network class (with ``from_config``) and its config dataclass; the
 run configuration's ``model.<kind>`` section holds that config. ``PRESETS`` holds the named configs of each family
-(the size registries: DiT's S, B, L, XL x patch 2, 4, 8; U-ViT's S, S-deep, M, L, H; the U-Net presets).
+(the size registries: DiT's S, B, L, XL x patch 2, 4, 8; U-ViT's S, S-deep, M, L, H; the U-Net presets; the text
+transformer's tiny, S, M).
 Denoising networks return a tensor shaped like x_in; the noisy classifier returns class logits; the autoencoder (with
-its optional discriminator) what the autoencoder's objective needs.
+its optional discriminator) what the autoencoder's objective needs; the text transformer maps token ids (N, L) and t to
+logits (N, L, V) (the discrete diffusion contract, docs/text.md).
 
     build_net("unet", preset="mnist")            # a preset from UNET_PRESETS
     build_net("unet", channels=64, image_size=32, in_channels=3, attn_resolutions=(8,))
@@ -13,6 +15,8 @@ its optional discriminator) what the autoencoder's objective needs.
     build_net("dit", size="S", patch_size=4, num_classes=10)      # DiT-S/4 on 28x28 MNIST
     build_net("uvit", size="S", patch_size=4, num_classes=10)
     build_net("mlp", dim=2, hidden=256)
+    build_net("text_transformer", size="S", vocab_size=65)           # MDLM's absorbing denoiser, 65 characters
+    build_net("text_transformer", size="S", causal=True, mask_token=False)   # its autoregressive twin
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from .classifier import ClassifierConfig, NoisyClassifier
 from .dit import DIT_PRESETS, DIT_SIZES, DiT, DiTConfig
 from .embeddings import TimeEmbedding, sincos_position_embedding_2d, timestep_embedding
 from .mlp import MLPConfig, MLPDenoiserNet, ResMLPBlock
+from .text import (TEXT_PRESETS, TEXT_SIZES, TextTransformer, TextTransformerConfig, macs_per_sequence, macs_per_token,
+                   shift_for_next_token)
 from .unet import UNET_PRESETS, UNet, UNetConfig, count_parameters
 from .uvit import UVIT_PRESETS, UVIT_SIZES, UViT, UViTConfig
 
@@ -34,8 +40,11 @@ NETS = {  # kind -> (network class, its config dataclass)
     "mlp": (MLPDenoiserNet, MLPConfig),
     "noisy_classifier": (NoisyClassifier, ClassifierConfig),
     "autoencoder": (AutoencoderNet, AutoencoderConfig),
+    "text_transformer": (TextTransformer, TextTransformerConfig),
 }
-PRESETS = {"unet": UNET_PRESETS, "dit": DIT_PRESETS, "uvit": UVIT_PRESETS}  # kind -> named configs
+PRESETS = {  # kind -> named configs
+    "unet": UNET_PRESETS, "dit": DIT_PRESETS, "uvit": UVIT_PRESETS, "text_transformer": TEXT_PRESETS,
+}
 
 
 def build_net(kind: str, preset: str | None = None, **fields) -> nn.Module:
@@ -53,5 +62,7 @@ __all__ = [
     "NETS", "PRESETS", "build_net", "timestep_embedding", "sincos_position_embedding_2d", "TimeEmbedding", "UNet",
     "UNetConfig", "UNET_PRESETS", "count_parameters", "DiT", "DiTConfig", "DIT_PRESETS", "DIT_SIZES", "UViT",
     "UViTConfig", "UVIT_PRESETS", "UVIT_SIZES", "MLPDenoiserNet", "MLPConfig", "ResMLPBlock", "ClassifierConfig",
-    "NoisyClassifier", "AutoencoderConfig", "AutoencoderNet", "KLAutoencoder",
+    "NoisyClassifier", "AutoencoderConfig", "AutoencoderNet", "KLAutoencoder", "TextTransformer",
+    "TextTransformerConfig", "TEXT_PRESETS", "TEXT_SIZES", "macs_per_sequence", "macs_per_token",
+    "shift_for_next_token",
 ]

@@ -1,6 +1,7 @@
 """Transformer parts shared by the DiT, the U-ViT and the U-Net's attention layers.
 
 * :func:`attention`: softmax(q k^T / sqrt(d)) v with an optional boolean mask (True = may attend).
+* :func:`causal_mask`: the (T, T) lower-triangular mask of an autoregressive model (query i sees keys j <= i).
 * :class:`Attention` (self-attention over tokens, with an optional key mask), :class:`CrossAttention` (queries from
   the tokens, keys and values from a context sequence), :class:`Mlp`, and the pre-norm :class:`Block` (ViT style,
   with U-ViT's optional long-skip input and an optional cross-attention layer).
@@ -35,6 +36,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     return F.scaled_dot_product_attention(q, k, v, mask)
 
 
+def causal_mask(length: int, device=None) -> torch.Tensor:
+    """(T, T) bool, True on and below the diagonal: query i attends keys j <= i (Vaswani et al. 2017, sec. 3.2.3,
+    the decoder's masking; Radford et al. 2019, GPT-2)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)  # (N, T, D) -> (N, heads, T, d)
 
@@ -44,7 +51,8 @@ def _key_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over tokens (N, T, D) -> (N, T, D); `key_mask` (N, T) bool hides keys."""
+    """Multi-head self-attention over tokens (N, T, D) -> (N, T, D); `key_mask` (N, T) bool hides keys, `attn_mask`
+    (T, T) bool (True = query i may attend key j; :func:`causal_mask` for an autoregressive model) hides pairs."""
 
     def __init__(
         self,
@@ -59,9 +67,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, k, v = (_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # 3 x (N, heads, T, d)
-        out = attention(q, k, v, _key_mask(key_mask))  # (N, heads, T, d)
+        mask = _key_mask(key_mask)  # (N, 1, 1, T) or None
+        if attn_mask is not None:
+            mask = attn_mask if mask is None else mask & attn_mask  # (T, T) or (N, 1, T, T)
+        out = attention(q, k, v, mask)  # (N, heads, T, d)
         return self.proj(out.transpose(1, 2).flatten(2))  # (N, T, D)
 
 
@@ -135,10 +147,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu)
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (N, T, D)
-        x = x + self.attn(self.norm1(x), key_mask)
+        x = x + self.attn(self.norm1(x), key_mask, attn_mask)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), context, context_mask)
         return x + self.mlp(self.norm2(x))  # (N, T, D)

@@ -14,7 +14,7 @@ from .dpm_solver import (dpm_solver_1_step, dpm_solver_2_step, dpm_solver_3_step
                          sample_dpm_solver_2, sample_dpm_solver_3, sample_dpm_solver_adaptive, sample_dpmpp_2m,
                          sample_dpmpp_2m_sde, sample_dpmpp_2s, sample_dpmpp_3m)
 from .generate import (SAMPLER_ARGS, SAMPLERS, SampleConfig, SamplingPlan, check_sampler_options, generate, get_sampler,
-                       plan_sampling, sampler_option_names, sampler_options)
+                       grid_steps, plan_sampling, sampler_option_names, sampler_options)
 from .ode import (ancestral_step, final_step, heun_step, sample_euler_ancestral, sample_heun,
                   sample_ode_reference)
 
@@ -23,6 +23,7 @@ from .sigmas import SPACINGS, get_sigmas, karras_sigmas
 from .unipc import sample_unipc, unipc_update
 
 __all__ = [
+    "grid_steps",
     "SAMPLERS", "SAMPLER_ARGS", "SPACINGS", "SampleConfig", "SamplingPlan", "generate", "plan_sampling",
     "sampler_options", "get_sampler", "check_sampler_options", "sampler_option_names", "get_sigmas",
     "karras_sigmas", "levels", "sample_ddim", "sample_ddpm", "sample_euler", "ddim_step", "ddpm_step",

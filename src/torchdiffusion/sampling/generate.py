@@ -97,6 +97,14 @@ class SampleConfig:
     sr_aug_sigma: float = 0.1       # noise level of the conditioning augmentation of the cascade's SR stage
 
 
+def grid_steps(spec: SampleConfig) -> int:
+    """The number of sampler steps `spec` asks for: the explicit grid's intervals (a final 0 is appended when it
+    lacks one, as `get_sigmas` does) when `spec.sigmas` is set, else `spec.steps`."""
+    if not spec.sigmas:
+        return int(spec.steps)
+    return len(spec.sigmas) - (1 if float(spec.sigmas[-1]) == 0 else 0)
+
+
 def nonfinite_field(spec: SampleConfig) -> tuple[str, float] | None:
     """(name, value) of the first float field of `spec` that is NaN or infinite (a NaN guidance scale would draw
     NaN images without a word), or None."""

@@ -51,7 +51,8 @@ RESUMABLE_CHANGES = {"name", "out_dir", "sample", "train.steps", "train.max_minu
                      "train.sample_every", "train.ckpt_every", "train.threads", "train.grad_accum",
                      "train.compile", "train.eval_every", "train.eval_samples", "train.keep_last",
                      "train.nonfinite_skips", "train.dist_timeout_s",
-                     "distill.teacher"}  # a teacher file may move: the task checks its hash instead
+                     "distill.teacher",  # a teacher file may move: the task checks its hash instead
+                     "text.sample"}  # a text run's generate-text defaults
 LAST = "last.safetensors"
 KEPT = "step_{:07d}.safetensors"  # an earlier last, kept when a newer one replaces it (train.keep_last)
 LOG_LINE_EVERY_S = 15             # without a progress bar, a status line at most this often
@@ -188,8 +189,11 @@ class Trainer:
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.data = dataset if dataset is not None else build_dataset(cfg, "train", progress=self.progress)
+        if self.task.configure is not None:  # e.g. a text run's vocabulary comes from its tokeniser
+            self.cfg = cfg = self.task.configure(cfg, self.data)
         self._check_data_matches_model()
-        self.val = self._validation_batch()
+        task_val = self.task.validation
+        self.val = self._validation_batch() if task_val is None else task_val(cfg, self.data)
         self._build_parts()
         self.step, self.best_val, self.resumed_from = 0, math.inf, None
         self.nonfinite_in_a_row = 0  # consecutive skipped steps (train.nonfinite_skips)
@@ -579,7 +583,10 @@ class Trainer:
     @torch.no_grad()
     def validation_loss(self) -> float:
         """The EMA weights' loss on the fixed validation batch (on a copy of the random stream: training's own
-        stream is left where it was)."""
+        stream is left where it was); a task with its own validation (text: bits per character) computes it."""
+        if self.task.validation is not None:
+            with torch.random.fork_rng(devices=[]):
+                return float(self.val(self.ema_module))
         x0, y, sigma, noise, extra = self.val
         cond = {**self._cond(y), **{k: v.to(self.device) for k, v in extra.items()}}
         with torch.random.fork_rng(devices=[]):
