@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Callable, IO
 
 CACHE_ENV = "TORCHDIFFUSION_CACHE"
 
@@ -16,3 +18,23 @@ def cache_dir() -> Path:
     if xdg:
         return Path(xdg).expanduser() / "torchdiffusion"
     return Path.home() / ".cache" / "torchdiffusion"
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None], suffix: str = ".tmp") -> Path:
+    """Write a file that is either absent or complete: `write(f)` fills a temporary file beside `path` (synced to
+    disk), which then replaces `path` in one rename; on any failure the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

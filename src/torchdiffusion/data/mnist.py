@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..utils import check_choice
-from .cache import cache_dir
+from .cache import cache_dir, write_atomic
 
 MNIST_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -264,22 +264,6 @@ def read_mnist_npz(path) -> dict:
         raise _corrupt(path, str(e)) from e
 
 
-def _write_atomic(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".mnist-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_first_valid(tries, path: Path, attempts: list, *, start: float, verbose: bool, quiet: bool) -> bool:
     """Try each (label, function returning the arrays) of `tries` in turn; write the first valid result to `path`
     atomically and return True. A failure is recorded in `attempts` (and logged unless `quiet`: an absent local
@@ -291,7 +275,7 @@ def write_first_valid(tries, path: Path, attempts: list, *, start: float, verbos
             attempts.append(f"  - {label}: {type(e).__name__}: {e}")
             _log(f"{label} failed: {e}", verbose and not quiet)
             continue
-        _write_atomic(path, arrays)
+        write_atomic(path, lambda f: np.savez(f, **arrays), suffix=".npz.tmp")
         _log(f"wrote {path} from {label} in {time.perf_counter() - start:.1f}s", verbose)
         return True
     return False
