@@ -2,7 +2,8 @@
 teacher (or, for consistency training, from data alone), scored at 1, 2 and 4 network evaluations beside the best
 sampler of the exact sampler benchmark at the same NFE.
 
-    python bench/fewstep.py exact [--mixtures ring2d mix8d] [--train-steps 4000] [--n 20000] [--json out.json]
+    python bench/fewstep.py exact [--mixtures ring2d mix8d] [--exact-methods pd cd ...] [--train-steps 4000]
+                                  [--n 20000] [--json out.json]
     python bench/fewstep.py images --teacher CKPT [--methods ...] [--steps 2000] [--max-minutes 30] [--json out.json]
 
 Score: sliced-W2 excess of the samples over the floor (two independent data draws of the same size), as in
@@ -15,14 +16,17 @@ cosine learning rate for `--train-steps` steps of 1024 examples each:
 * ct: improved consistency training from data (pseudo-Huber, curriculum 10 -> 160 levels);
 * ect: consistency tuning of a denoiser first trained with denoising score matching for the same number of steps;
 * rf2 / rf2-1step: the reflowed rectified flow of the exact 1-rectified flow's ODE pairs, sampled with Euler, and
-  its one-step distillation.
+  its one-step distillation;
+* meanflow: MeanFlow from data alone (no teacher; average velocity with an interval input, 25% of the examples with
+  r != t), sampled with its one-jump-per-interval sampler on a uniform grid of path times.
 
 The images part distils a trained class-conditional image teacher (e.g. the mnist-10min preset's checkpoint) with
 `torchdiffusion distill` for each method (`--steps` training steps, stopped at `--max-minutes` of wall time), and
 scores the students at 1, 2 and 4 network evaluations (progressive: its rounds' students at 4, 2 and 1 DDIM steps;
 consistency students: multistep consistency sampling on the levels of CM_LEVELS scaled to the teacher's sigma_max)
 beside the teacher with its own sampler at `--teacher-nfe` steps: FD over the matched floor
-(``evaluate.evaluate_samples``), class accuracy, and the CPU-minutes (wall minutes x threads) each method took.
+(``evaluate.evaluate_samples``), class accuracy, and the CPU-minutes (wall minutes x threads) each method took;
+the first 100 samples of every row are drawn to ``<out-dir>/grids/<method>_<nfe>nfe.png`` (column k asks for class k).
 """
 from __future__ import annotations
 
@@ -44,19 +48,21 @@ from torchdiffusion.evaluate import evaluate_samples
 from torchdiffusion.guidance import net_num_classes, requested_labels
 from torchdiffusion.evaluate.metrics import SlicedW2
 from torchdiffusion.fewstep import (ConsistencyDistillation, ConsistencyFunction, ConsistencyTraining,
-                                    ConsistencyTuning, CouplingDataset, OneStepDistillation, ProgressiveDistillation,
-                                    ReflowObjective, make_coupling)
+                                    ConsistencyTuning, CouplingDataset, MeanFlowDenoiser, MeanFlowObjective,
+                                    OneStepDistillation, ProgressiveDistillation, ReflowObjective, make_coupling)
 from torchdiffusion.nets import MLPConfig, MLPDenoiserNet
 from torchdiffusion.objectives import DiffusionObjective
 from torchdiffusion.precond import Precond
 from torchdiffusion.sampling import SAMPLERS, generate, get_sigmas
 from torchdiffusion.sampling.sigmas import OPTIMIZED_SAMPLER
 from torchdiffusion.schedules import get_schedule
+from torchdiffusion import viz
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 NFES = (1, 2, 4)
 CM_LEVELS = {1: [80.0], 2: [80.0, 0.8], 4: [80.0, 2.0, 0.6, 0.15]}  # multistep consistency sampling levels
 BATCH = 1024
+GRID_SAMPLES = 100  # images: samples drawn in each (method, NFE) grid
 LR = 1e-3
 
 
@@ -96,11 +102,13 @@ def sample(name: str, den, x_T, sigmas, seed: int, **opts):
     return SAMPLERS[name](den, x_T.clone(), sigmas, generator=torch.Generator().manual_seed(seed), **opts).float()
 
 
-def methods(mix, steps: int, seed: int, log) -> dict:
-    """label -> {nfe: (sampler name, denoiser, sigmas, options)} for every method's students."""
-    edm = get_schedule("edm", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
-    out, t0 = {}, time.time()
-    # progressive distillation: 8 -> 4 -> 2 -> 1 DDIM steps
+def _cm(f) -> dict:
+    """Multistep consistency sampling of a consistency function at each NFE."""
+    return {k: ("consistency", f, torch.tensor(CM_LEVELS[k] + [0.0]), {"sigma_min": f.sigma_min}) for k in NFES}
+
+
+def _pd(mix, edm, steps, seed) -> dict:
+    """Progressive distillation: 8 -> 4 -> 2 -> 1 DDIM steps, each round starting from the previous student."""
     teacher, grid, pd = mix, get_sigmas(edm, 8, "karras"), {}
     model = student(mix.dim, edm)
     for _ in range(3):
@@ -108,31 +116,64 @@ def methods(mix, steps: int, seed: int, log) -> dict:
         model = train(obj, copy.deepcopy(model).requires_grad_(True), mix, steps, seed)
         pd[obj.student_steps] = ("ddim", model, obj.student_sigmas, {})
         teacher, grid = model, obj.student_sigmas
-    out["pd"] = pd
-    log(f"  pd {time.time() - t0:.0f}s")
-    cm = lambda f: {k: ("consistency", f, torch.tensor(CM_LEVELS[k] + [0.0]), {"sigma_min": f.sigma_min})  # noqa
-                    for k in NFES}
+    return {"pd": pd}
+
+
+def _cd(mix, edm, steps, seed) -> dict:
     cd = ConsistencyDistillation(mix, levels=18, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mu=0.95)
     cd_student = train(cd, student(mix.dim, edm), mix, steps, seed, after=cd.after_step, needs_step=True)
-    out["cd"] = cm(ConsistencyFunction(cd_student, SIGMA_MIN, 0.5))
+    return {"cd": _cm(ConsistencyFunction(cd_student, SIGMA_MIN, 0.5))}
+
+
+def _ct(mix, edm, steps, seed) -> dict:
     ct = ConsistencyTraining(total_steps=steps, s0=10, s1=160, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
-    out["ct"] = cm(ConsistencyFunction(train(ct, student(mix.dim, edm), mix, steps, seed, needs_step=True),
-                                       SIGMA_MIN, 0.5))
+    return {"ct": _cm(ConsistencyFunction(train(ct, student(mix.dim, edm), mix, steps, seed, needs_step=True),
+                                          SIGMA_MIN, 0.5))}
+
+
+def _ect(mix, edm, steps, seed) -> dict:
     dsm = train(DiffusionObjective(edm), student(mix.dim, edm), mix, steps, seed)
     ect = ConsistencyTuning(stage_steps=max(1, steps // 8))
-    out["ect"] = cm(ConsistencyFunction(train(ect, dsm, mix, steps, seed, needs_step=True), 0.0, 0.5))
-    log(f"  cd, ct, ect {time.time() - t0:.0f}s")
+    return {"ect": _cm(ConsistencyFunction(train(ect, dsm, mix, steps, seed, needs_step=True), 0.0, 0.5))}
+
+
+def _mlp(dim: int, **kw):
+    return MLPDenoiserNet.from_config(MLPConfig(dim=dim, hidden=256, num_blocks=3, **kw))
+
+
+def _rf(mix, edm, steps, seed) -> dict:
+    """Reflow of the exact 1-rectified flow's ODE pairs (Euler), and its one-step distillation."""
     rf = get_schedule("rf", logit_std=0.0)
     noise, samples = make_coupling(mix, (mix.dim,), 20_000, get_sigmas(rf, 32, "logsnr"),
                                    sampler=SAMPLERS["dpmpp_3m"], seed=seed + 5, final="heun0")
     pairs = CouplingDataset(samples, noise)
-    rf2 = train(ReflowObjective(rf, prediction="velocity"), Precond(MLPDenoiserNet.from_config(
-        MLPConfig(dim=mix.dim, hidden=256, num_blocks=3)), rf, "velocity"), mix, steps, seed, pairs=pairs)
-    out["rf2"] = {k: ("euler", rf2, get_sigmas(rf, k, "uniform"), {}) for k in NFES}
-    one = train(OneStepDistillation(rf.sigma_max), Precond(MLPDenoiserNet.from_config(
-        MLPConfig(dim=mix.dim, hidden=256, num_blocks=3)), rf, "x0"), mix, steps, seed, pairs=pairs)
-    out["rf2-1step"] = {1: ("euler", one, torch.tensor([rf.sigma_max, 0.0]), {})}
-    log(f"  rf {time.time() - t0:.0f}s")
+    rf2 = train(ReflowObjective(rf, prediction="velocity"), Precond(_mlp(mix.dim), rf, "velocity"), mix, steps,
+                seed, pairs=pairs)
+    one = train(OneStepDistillation(rf.sigma_max), Precond(_mlp(mix.dim), rf, "x0"), mix, steps, seed,
+                pairs=pairs)
+    return {"rf2": {k: ("euler", rf2, get_sigmas(rf, k, "uniform"), {}) for k in NFES},
+            "rf2-1step": {1: ("euler", one, torch.tensor([rf.sigma_max, 0.0]), {})}}
+
+
+def _meanflow(mix, edm, steps, seed) -> dict:
+    """MeanFlow from data (no teacher), one jump per interval of a uniform grid of path times."""
+    rf = get_schedule("rf", logit_std=0.0)
+    mf = train(MeanFlowObjective(), MeanFlowDenoiser(_mlp(mix.dim, interval_embed=True), rf), mix, steps, seed)
+    return {"meanflow": {k: ("meanflow", mf, get_sigmas(rf, k, "uniform"), {}) for k in NFES}}
+
+
+EXACT_METHODS = {"pd": _pd, "cd": _cd, "ct": _ct, "ect": _ect, "rf": _rf, "meanflow": _meanflow}
+
+
+def methods(mix, steps: int, seed: int, log, only=None) -> dict:
+    """label -> {nfe: (sampler name, denoiser, sigmas, options)} for the students of every method in `only`
+    (default: all of EXACT_METHODS; "rf" gives the rows rf2 and rf2-1step)."""
+    edm = get_schedule("edm", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+    out, t0 = {}, time.time()
+    for name, fn in EXACT_METHODS.items():
+        if only is None or name in only:
+            out.update(fn(mix, edm, steps, seed))
+            log(f"  {name} {time.time() - t0:.0f}s")
     return out
 
 
@@ -147,8 +188,9 @@ def baselines(mix) -> dict:
     return rows
 
 
-def run(mixture_names=None, n: int = 20_000, train_steps: int = 4000, seed: int = 0, log=print) -> dict:
-    res = {"n": n, "train_steps": train_steps, "mixtures": {}}
+def run(mixture_names=None, n: int = 20_000, train_steps: int = 4000, seed: int = 0, log=print,
+        only=None) -> dict:
+    res = {"n": n, "train_steps": train_steps, "methods": sorted(only or EXACT_METHODS), "mixtures": {}}
     for mname, mix in mixtures().items():
         if mixture_names and mname not in mixture_names:
             continue
@@ -158,7 +200,7 @@ def run(mixture_names=None, n: int = 20_000, train_steps: int = 4000, seed: int 
         x_T = torch.randn(n, mix.dim, generator=g) * SIGMA_MAX
         log(f"[{mname}] floor {floor:.4f}")
         rows = []
-        for label, per_nfe in {**baselines(mix), **methods(mix, train_steps, seed, log)}.items():
+        for label, per_nfe in {**baselines(mix), **methods(mix, train_steps, seed, log, only)}.items():
             for nfe, (sampler, den, sigmas, opts) in sorted(per_nfe.items()):
                 x = x_T * float(sigmas[0]) / SIGMA_MAX
                 excess = ref(sample(sampler, den, x.double() if den is mix else x, sigmas, seed + 3, **opts)
@@ -178,9 +220,11 @@ def images(teacher: str, methods_: tuple, *, steps: int, max_minutes: float, n: 
     """The images part (see the module docstring): one row per (method, NFE) and the teacher's row."""
     den, cfg, meta = load_denoiser(teacher)
     shape = tuple(meta["data_shape"])
-    score = lambda d, c, **kw: _score_shape(d, c, shape, n, floor_draws, bootstrap, **kw)  # noqa: E731
+    grids = Path(out_dir) / "grids"
+    score = lambda d, c, name, **kw: _score_shape(d, c, shape, n, floor_draws, bootstrap,  # noqa: E731
+                                                  grid=grids / f"{name}.png", **kw)
     rows = [{"method": "teacher", "nfe": teacher_nfe, "cpu_minutes": None,
-             **score(den, cfg, steps=teacher_nfe)}]
+             **score(den, cfg, f"teacher_{teacher_nfe}nfe", steps=teacher_nfe)}]
     log(f"teacher at {teacher_nfe} steps: FD {rows[0]['fd']:.2f} ({rows[0]['fd_ratio']:.2f}x the floor)")
     sigma_max = float(get_sigmas(den.schedule, 1)[0]) if hasattr(den, "schedule") else SIGMA_MAX
     for method in methods_:
@@ -202,7 +246,7 @@ def images(teacher: str, methods_: tuple, *, steps: int, max_minutes: float, n: 
                 extra = {"sigmas": tuple(sigma_max * v / CM_LEVELS[1][0] for v in CM_LEVELS[nfe]) + (0.0,),
                          "steps": nfe}
             row = {"method": method, "nfe": nfe, "cpu_minutes": cpu_minutes,
-                   "train_steps": read_step(ckpt), **score(sden, scfg, **extra)}
+                   "train_steps": read_step(ckpt), **score(sden, scfg, f"{method}_{nfe}nfe", **extra)}
             rows.append(row)
             log(f"{method} NFE {nfe}: FD {row['fd']:.2f} ({row['fd_ratio']:.2f}x), {cpu_minutes:.1f} CPU-min")
     return {"teacher": teacher, "dataset": cfg.data.dataset, "samples": n, "rows": rows}
@@ -212,16 +256,19 @@ def read_step(ckpt) -> int:
     return int(read_meta(ckpt)["step"])
 
 
-def _score_shape(den, cfg, shape, n, floor_draws, bootstrap, **sample) -> dict:
+def _score_shape(den, cfg, shape, n, floor_draws, bootstrap, grid: Path, **sample) -> dict:
+    """FD over the matched floor and accuracy of n samples (class i mod 10); the first GRID_SAMPLES drawn to
+    `grid` (column k asks for class k)."""
     spec = replace(cfg.sample, **sample)
     labels = requested_labels(n, -1, spec.guidance, net_num_classes(den))
     t0 = time.time()
     x = generate(den, shape, spec, n=n, labels=labels)
     ms = 1000 * (time.time() - t0) / n
+    viz.save_grid(x[:GRID_SAMPLES], grid, nrow=10)
     r = evaluate_samples(x, cfg.data.dataset, labels=labels, floor_draws=floor_draws, bootstrap=bootstrap,
                          fd_inf=False)
     return {"fd": r["fd"], "fd_floor": r["fd_floor"], "fd_ratio": r["fd_ratio"], "accuracy": r.get("accuracy"),
-            "ms_per_image": ms}
+            "ms_per_image": ms, "grid": str(grid)}
 
 
 def images_table(res: dict) -> str:
@@ -256,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--mixtures", nargs="*", default=None, help="exact: ring2d, mix8d")
     p.add_argument("--n", type=int, default=20_000, help="exact: samples per score")
     p.add_argument("--train-steps", type=int, default=4000, help="exact: training steps of every student")
+    p.add_argument("--exact-methods", nargs="+", default=None, help=f"exact: from {', '.join(EXACT_METHODS)} "
+                   "(default: all)")
     p.add_argument("--teacher", default=None, help="images: the teacher checkpoint (class-conditional, pixels)")
     p.add_argument("--methods", nargs="+", default=list(IMAGE_METHODS), help=f"images: from {', '.join(IMAGE_METHODS)}")
     p.add_argument("--steps", type=int, default=2000, help="images: training steps per student (per PD round)")
@@ -273,7 +322,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.time()
     if a.part == "exact":
-        res = run(a.mixtures, a.n, a.train_steps)
+        for m in a.exact_methods or ():
+            if m not in EXACT_METHODS:
+                p.error(f"unknown exact method {m!r}; choose from {', '.join(EXACT_METHODS)}")
+        res = run(a.mixtures, a.n, a.train_steps, only=a.exact_methods)
         text = table(res)
     else:
         if not a.teacher:
