@@ -38,12 +38,14 @@ from torchdiffusion.build import codec_for, load_codec, load_denoiser
 from torchdiffusion.checkpoint import read_meta
 from torchdiffusion.config import load_config
 from torchdiffusion.evaluate import evaluate_samples
-from torchdiffusion.evaluate.reconstruction import evaluate_reconstructions
+from torchdiffusion.evaluate.quality import split_dataset
+from torchdiffusion.evaluate.reconstruction import evaluate_reconstructions, held_out_test_indices, reconstruct
 from torchdiffusion.guidance import requested_labels
 from torchdiffusion.nets import count_parameters
 from torchdiffusion.sampling import generate
 from torchdiffusion.training import Trainer
 from torchdiffusion.utils import check_choice
+from torchdiffusion import viz
 
 DATASETS = ("mnist", "fashion-mnist")
 VAE_PRESET = {"mnist": "mnist-vae", "fashion-mnist": "fashion-vae"}
@@ -51,8 +53,11 @@ LATENT_PRESET = {"mnist": "mnist-latent", "fashion-mnist": "fashion-latent"}
 PIXEL_RECIPE = "mnist-10min"
 CHANNEL_MULT = {2: "[1, 2]", 4: "[1, 2, 4]"}   # encoder levels per factor (the preset's widths)
 KL_WEIGHTS = (1e-6, 1e-5, 1e-4, 1e-3)
+KINDS = ("pixel", "latent")
 BUDGET_FILL = 0.95    # fraction of the budget the step count aims at (the cosine nearly completes)
 TIMED_STEPS = 4
+PICTURE_IMAGES = 10   # held-out test images in each autoencoder's picture
+GRID_SAMPLES = 100    # samples in each versus row's grid (10 per class)
 QUICK = dict(ae_minutes=0.05, vae_minutes=0.05, pixel_minutes=[0.05], latent_minutes=[0.05], samples=64,
              recon_n=200, floor_draws=2, bootstrap=10)
 
@@ -114,8 +119,18 @@ def recon_row(dataset: str, factor: int, kl: float, *, ae_minutes: float, recon_
     run = train(cfg, info, reuse=reuse, log=log)
     codec = load_codec(run["checkpoint"])
     res = evaluate_reconstructions(codec, dataset, n=recon_n, floor_draws=floor_draws, bootstrap=bootstrap)
-    return {"dataset": dataset, "factor": factor, "kl_weight": kl, "latent_shape": list(codec.latent_shape),
+    picture = autoencoder_picture(codec, dataset, cfg.run_dir / "bench_reconstructions.png",
+                                  title=f"{dataset}, f = {factor}, KL weight {kl:g}")
+    return {"picture": str(picture), "dataset": dataset, "factor": factor, "kl_weight": kl, "latent_shape": list(codec.latent_shape),
             "latent_scale": round(codec.scale, 4), **run, **res}
+
+
+def autoencoder_picture(codec, dataset: str, path: Path, title: str = "") -> Path:
+    """Held-out test images (the first of those `evaluate_reconstructions` scores), their reconstructions (the
+    posterior mean) and the latent channels."""
+    x = split_dataset(dataset, "test").batch(held_out_test_indices(dataset, PICTURE_IMAGES))[0]
+    with torch.no_grad():
+        return viz.autoencoder_table(x, reconstruct(codec, x), codec.encode(x), path, title=title)
 
 
 def format_recon(rows: list) -> str:
@@ -143,23 +158,27 @@ def sample_figures(ckpt: str, dataset: str, n: int, floor_draws: int, bootstrap:
         x = generate(den, shape, cfg.sample, n=n, labels=labels, seed=seed,
                      decode=codec.decode if codec is not None else None)
     ms = 1000 * (time.perf_counter() - t0) / n
+    grid = viz.save_grid(x[:GRID_SAMPLES], Path(ckpt).parents[1] / "bench_samples.png", nrow=10)
     res = evaluate_samples(x, dataset, labels=labels, seed=seed, floor_draws=floor_draws, bootstrap=bootstrap)
     keys = ("fd", "fd_std", "fd_floor", "fd_floor_std", "fd_ratio", "fd_ratio_std", "accuracy")
-    return {"samples": n, "ms_per_image": round(ms, 2), "nfe": cfg.sample.steps, **{k: res[k] for k in keys}}
+    return {"samples": n, "ms_per_image": round(ms, 2), "nfe": cfg.sample.steps, "grid": str(grid),
+            **{k: res[k] for k in keys}}
 
 
 def versus_rows(dataset: str, *, vae_minutes: float, pixel_minutes, latent_minutes, samples: int, floor_draws: int,
-                bootstrap: int, out_dir: str, reuse: bool, quick: bool, autoencoder: str | None, log) -> list:
+                bootstrap: int, out_dir: str, reuse: bool, quick: bool, autoencoder: str | None, log,
+                kinds=KINDS) -> list:
     rows = []
-    if autoencoder is None:
+    vae_seconds = None
+    if "latent" in kinds and autoencoder is None:
         cfg, info = timed_config(VAE_PRESET[dataset], [f"out_dir={out_dir}", f"name={dataset}-vae",
                                                        "train.sample_every=0"], vae_minutes, quick=quick)
         vae = train(cfg, info, reuse=reuse, log=log)
         autoencoder = vae["checkpoint"]
         vae_seconds = vae["train_seconds"]
-    else:
-        vae_seconds = None
     for kind, budgets in (("pixel", pixel_minutes), ("latent", latent_minutes)):
+        if kind not in kinds:
+            continue
         for m in budgets:
             over = [f"out_dir={out_dir}", f"name={dataset}-{kind}-{m:g}min", "train.sample_every=0"]
             if kind == "pixel":
@@ -199,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--autoencoder", help="versus: an autoencoder checkpoint to use instead of training one")
     p.add_argument("--pixel-minutes", nargs="+", type=float, default=[10, 30])
     p.add_argument("--latent-minutes", nargs="+", type=float, default=[5, 10, 15, 30])
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), help=f"versus: the models to train, from "
+                                                                     f"{', '.join(KINDS)}")
     p.add_argument("--samples", type=int, default=1000, help="samples per versus row")
     p.add_argument("--recon-n", type=int, default=2000, help="held-out test images reconstructed per recon row")
     p.add_argument("--floor-draws", type=int, default=5)
@@ -214,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         check_choice("dataset", d, DATASETS)
     for f in args.factors:
         check_choice("factor", f, CHANNEL_MULT)
+    for k in args.kinds:
+        check_choice("kind", k, KINDS)
     if args.autoencoder and len(args.datasets) != 1:
         p.error("--autoencoder belongs to one data set: name that one with --datasets")
     opts = {k: getattr(args, k) for k in ("ae_minutes", "vae_minutes", "pixel_minutes", "latent_minutes", "samples",
@@ -235,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("versus", "all"):
         out["versus"] = [r for d in args.datasets for r in versus_rows(
             d, vae_minutes=opts["vae_minutes"], pixel_minutes=opts["pixel_minutes"],
-            latent_minutes=opts["latent_minutes"], samples=opts["samples"], autoencoder=args.autoencoder, **common)]
+            latent_minutes=opts["latent_minutes"], samples=opts["samples"], autoencoder=args.autoencoder,
+            kinds=args.kinds, **common)]
         print(format_versus(out["versus"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

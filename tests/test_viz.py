@@ -150,3 +150,23 @@ def test_scatter_draws_the_samples_and_the_data(tmp_path, figures):
     np.testing.assert_array_equal(np.asarray(sample_pts), samples.numpy())
     assert ax.get_title() == "t"
     assert np.asarray(Image.open(tmp_path / "s.png")).std() > 0
+
+
+def test_autoencoder_table_draws_originals_reconstructions_and_scaled_latent_channels(tmp_path, figures):
+    g = torch.Generator().manual_seed(0)
+    x, rec = (torch.rand(3, 1, 8, 8, generator=g) * 2 - 1 for _ in range(2))
+    z = torch.randn(3, 2, 2, 2, generator=g) * torch.tensor([0.5, 4.0]).view(1, 2, 1, 1)
+    viz.autoencoder_table(x, rec, z, tmp_path / "ae.png")
+    axes = np.array(figures[0].axes).reshape(4, 3)
+    view = lambda img: ((img.clamp(-1, 1) + 1) / 2)[0].numpy()  # noqa: E731
+    assert [axes[i, 0].get_ylabel() for i in range(4)] == ["original", "reconstruction", "latent 0", "latent 1"]
+    for j in range(3):
+        np.testing.assert_allclose(axes[0, j].images[0].get_array(), view(x[j]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(axes[1, j].images[0].get_array(), view(rec[j]), rtol=1e-6, atol=1e-6)
+        for c in range(2):  # each channel over its own peak magnitude across the batch
+            want = z[j, c] / z[:, c].abs().max()
+            np.testing.assert_allclose(axes[2 + c, j].images[0].get_array(), view(want[None]), rtol=1e-6,
+                                       atol=1e-6)
+    assert float(viz.latent_views(z)[:, 1].abs().max()) == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="same number of images"):
+        viz.autoencoder_table(x, rec, z[:2], tmp_path / "bad.png")

@@ -1,4 +1,5 @@
-"""Pictures: sample grids, forward-noising and denoising strips, loss curves, 2-D scatter plots."""
+"""Pictures: sample grids, forward-noising and denoising strips, an autoencoder's reconstructions and latent
+channels, loss curves, 2-D scatter plots."""
 from __future__ import annotations
 
 import math
@@ -115,6 +116,26 @@ def trajectory_strip(xs: Sequence[torch.Tensor], x0s: Sequence[torch.Tensor], si
         row_titles += ["x_t", "predicted x0"]
     titles = col_titles or [f"sigma={float(s):.3g}" for s in sigmas]
     return image_table(rows, path, col_titles=titles, row_titles=row_titles, title="reverse process")
+
+
+def latent_views(z: torch.Tensor) -> torch.Tensor:
+    """Latents (N, C, h, w) -> (N, C, 1, h, w) in [-1, 1]: each channel divided by its largest magnitude over the
+    batch, so that 0 is mid-grey and the channels compare across images (not across channels)."""
+    peak = z.detach().float().abs().amax(dim=(0, 2, 3), keepdim=True).clamp_min(1e-12)  # (1, C, 1, 1)
+    return (z.detach().float() / peak).unsqueeze(2)
+
+
+def autoencoder_table(x: torch.Tensor, rec: torch.Tensor, z: torch.Tensor, path: str | Path, *, title: str = "") \
+        -> Path:
+    """One column per image: the original x, its reconstruction rec, then each latent channel of z (shown by
+    `latent_views`, at the latent's own resolution)."""
+    if not (x.shape == rec.shape and x.shape[0] == z.shape[0]):
+        raise ValueError(f"originals {tuple(x.shape)}, reconstructions {tuple(rec.shape)} and latents "
+                         f"{tuple(z.shape)} must have the same number of images (and x, rec the same shape)")
+    views = latent_views(z)  # (N, C, 1, h, w)
+    rows = [list(x), list(rec)] + [list(views[:, c]) for c in range(z.shape[1])]
+    names = ["original", "reconstruction"] + [f"latent {c}" for c in range(z.shape[1])]
+    return image_table(rows, path, row_titles=names, title=title)
 
 
 def _save_fig(plt, fig, path) -> Path:
