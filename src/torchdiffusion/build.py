@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, check_tensors, load_checkpoint, read_meta, save_checkpoint
 from .config import (TEXT_NET, TEXT_OBJECTIVES, ConfigError, RunConfig, from_dict, load_config, parse_overrides,
                      set_by_path, text_derived, to_dict, upgrade_config, validate)
-from .discrete import DiscreteObjective, bits_per_character
+from .discrete import DiscreteObjective, NextTokenObjective, bits_per_character
 from .interop.diffusers import is_diffusers_folder, load_diffusers
 from .data import make_dataset, make_text_dataset, tokenizer_from_dict
 from .fewstep import CouplingDataset, make_coupling
@@ -35,7 +34,7 @@ from .fewstep.methods import (METHODS, NEW_INPUTS, coupling_sigmas, default_spac
 from .latent.codec import SCALE_EXAMPLES, LatentCodec, LatentDataset, cache_key, latent_scale
 from .latent.objective import AutoencoderModule, AutoencoderObjective
 from .latent.perceptual import perceptual_distance
-from .nets import NETS, TextTransformerConfig, shift_for_next_token
+from .nets import NETS, TextTransformerConfig
 from .objectives import ClassifierObjective, DiffusionObjective
 from .precond import DenoiserTransform, Precond, SigmaClassifier
 from .sampling import get_sampler
@@ -508,23 +507,6 @@ class TextModule(nn.Module):
 
     def forward(self, x: torch.Tensor, t=None, **cond) -> torch.Tensor:
         return self.net(x, t, **cond)  # (N, L, V_out)
-
-
-class NextTokenObjective:
-    """The autoregressive baseline's loss (Radford et al. 2019): -log p(x) = sum_i CE(logits_i, x_i) with
-    inputs [BOS, x_0 .. x_{L-2}] (:func:`~torchdiffusion.nets.shift_for_next_token`), exact, in nats per
-    sequence (`per_sample`, (N,)) or per token (the call). `vocab_size` K; BOS is id K."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def per_sample(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
-        inputs, targets = shift_for_next_token(x0, self.vocab_size)  # (N, L) each
-        logits = model(inputs, None, **(cond or {}))  # (N, L, K)
-        return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").sum(1)
-
-    def __call__(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
-        return self.per_sample(model, x0, cond).mean() / x0.shape[1]
 
 
 def text_config(cfg: RunConfig, vocab_size: int) -> RunConfig:

@@ -7,8 +7,9 @@ Sequences are LongTensors (N, L) over K tokens 0..K-1; the absorbing process add
 absorbing process (the mask's column last, overwritten by SUBS) or (N, L, K) for the uniform one. Imports only
 torch and :mod:`torchdiffusion.utils`.
 """
-from .objective import (DiscreteObjective, DiscreteObjectiveConfig, D3PMTerms, absorbing_elbo_discrete,
-                        bits_per_character, bits_per_token, d3pm_hybrid_loss, d3pm_terms, mdlm_nelbo, subs_logits)
+from .objective import (DiscreteObjective, DiscreteObjectiveConfig, D3PMTerms, NextTokenObjective,
+                        absorbing_elbo_discrete, bits_per_character, bits_per_token, bos_shift, d3pm_hybrid_loss,
+                        d3pm_terms, mdlm_nelbo, subs_logits)
 from .processes import (MASK_SCHEDULES, CosineSchedule, LogLinearSchedule, MaskSchedule, absorbing_posterior,
                         absorbing_probs, absorbing_sample, get_mask_schedule, sample_categorical, uniform_posterior,
                         uniform_probs, uniform_sample)

@@ -255,3 +255,26 @@ class DiscreteObjective:
 
     def __call__(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
         return self.per_sample(model, x0, cond, generator=generator).mean() / x0.shape[1]
+
+
+# ------------------------------------------------------------------------------------------------ autoregressive
+def bos_shift(x: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """The inputs [BOS, x_0 .. x_{L-2}] (N, L) of a causal model whose logits at position i score x_i given
+    x_{<i} (the convention of nets.TextTransformer with causal=True; `bos_id` = K)."""
+    return torch.cat([torch.full_like(x[:, :1], bos_id), x[:, :-1]], dim=1)
+
+
+class NextTokenObjective:
+    """The autoregressive baseline's loss (Radford et al. 2019): -log p(x) = sum_i CE(logits_i, x_i) with inputs
+    `bos_shift(x, K)`, exact, in nats per sequence (`per_sample`, (N,)) or per token (the call). `vocab_size` K;
+    BOS is id K."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def per_sample(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
+        logits = model(bos_shift(x0, self.vocab_size), None, **(cond or {}))  # (N, L, K)
+        return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none").sum(1)
+
+    def __call__(self, model, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
+        return self.per_sample(model, x0, cond).mean() / x0.shape[1]

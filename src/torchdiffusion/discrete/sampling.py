@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ..utils import check_choice, rand
-from .objective import call_model, subs_logits
+from .objective import bos_shift, call_model, subs_logits
 from .processes import (MaskSchedule, absorbing_posterior, check_tokens, get_mask_schedule, sample_categorical,
                         uniform_posterior_logprobs)
 
@@ -244,11 +244,10 @@ def sample_causal(model, x: torch.Tensor, fixed: torch.Tensor, *, bos_id: int, g
     measured against): x_i ~ softmax(model([BOS, x_<i], None)[:, i]) at every position that is not `fixed` (for
     a causal model the fixed positions are a prefix: a prompt). One model call per generated position."""
     x, calls = x.clone(), 0
-    bos = torch.full_like(x[:, :1], bos_id)
     for i in range(x.shape[1]):
         if bool(fixed[:, i].all()):
             continue
-        logits = model(torch.cat([bos, x[:, :i]], 1), None)[:, i]  # (N, K)
+        logits = model(bos_shift(x[:, :i + 1], bos_id), None)[:, i]  # (N, K): [BOS, x_<i] -> x_i
         calls += 1
         drawn = sample_categorical(logits.double().softmax(-1), generator=generator)  # (N,)
         x[:, i] = torch.where(fixed[:, i], x[:, i], drawn)

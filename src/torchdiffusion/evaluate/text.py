@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from ..build import NextTokenObjective, load_text_model, text_dataset, text_objective, window_nats
-from ..discrete import bits_per_character
+from ..build import load_text_model, text_dataset, text_objective, window_nats
+from ..discrete import NextTokenObjective, bits_per_character
 from ..utils import LOG2
 
 TEXT_EVAL_SPLITS = ("test", "valid")
