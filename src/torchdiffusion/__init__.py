@@ -1,7 +1,8 @@
 """torchdiffusion: diffusion generative models in PyTorch, built on one contract, a denoiser D(x, sigma) -> x0.
 
 ``torchdiffusion.load(path)`` returns a :class:`~torchdiffusion.app.api.Model` (sample, inpaint, img2img, invert,
-evaluate); the parts live in their modules (see docs/architecture.md).
+evaluate), or for a text checkpoint a :class:`~torchdiffusion.app.api.TextModel` (generate, score, evaluate); the
+parts live in their modules (see docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 
 def __getattr__(name):
-    """`load` and `Model` come from the app layer, imported on first use so that `import torchdiffusion` stays
-    light."""
-    if name in ("load", "Model"):
+    """`load`, `Model` and `TextModel` come from the app layer, imported on first use so that `import torchdiffusion`
+    stays light."""
+    if name in ("load", "Model", "TextModel"):
         from .app import api
 
         return getattr(api, name)

@@ -220,3 +220,80 @@ def test_prepare_data_splits_a_text_file(tmp_path, monkeypatch, capsys):
     assert sum(len(read_split(folder, s)) for s in ("train", "valid", "test")) == len(path.read_text())
     assert main(["prepare-data", "--dataset", str(tmp_path / "missing.txt")]) == 2
     assert "allowed values: fashion-mnist, mnist, shakespeare, or the path" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the Python API: load, score
+def test_load_gives_a_text_model_that_generates_as_generate_text(runs):
+    import torchdiffusion
+    from torchdiffusion.app.api import TextModel
+
+    for objective in ("mdlm", "ar"):
+        lm = torchdiffusion.load(runs[objective])
+        assert isinstance(lm, TextModel) and lm.objective == objective and lm.seq_len == L
+        same = generate_text(runs[objective], prompt="queen of ", n=3, steps=6, seed=3)["samples"]
+        assert lm.generate(3, prompt="queen of ", steps=6, seed=3) == same
+    filled = torchdiffusion.load(runs["mdlm"]).generate(2, infill="the ____ and ___ of _")
+    assert all(s[:4] == "the " and s[8:13] == " and " for s in filled)
+
+
+def test_score_of_an_ar_model_is_the_chain_rule_written_out(runs):
+    """score(text) of an ar model: consecutive windows of L characters (the last one shorter), each scored from its
+    first character by -sum_i log p(x_i | x_<i), computed here one position at a time with the network."""
+    import torchdiffusion
+
+    lm = torchdiffusion.load(runs["ar"])
+    text = " ".join(WORDS)[:2 * L + L // 2]  # 2.5 windows
+    ids = lm.tokenizer.encode(text)
+    total = 0.0
+    with torch.no_grad():
+        for w in ids.split(L):
+            for i in range(len(w)):
+                inputs = torch.cat([torch.tensor([lm.tokenizer.vocab_size]), w[:i]])[None]  # [BOS, x_<i]
+                total -= lm.module.net(inputs)[0, -1].log_softmax(-1)[w[i]].item()
+    r = lm.score(text)
+    assert (r["windows"], r["tokens"], r["characters"], r["estimate"]) == (3, len(text), len(text), "exact")
+    assert r["bits_per_character"] == pytest.approx(total / len(text) / math.log(2), rel=1e-5)
+
+
+def test_the_score_of_a_bound_does_not_depend_on_the_batch_size(runs):
+    """A diffusion model's score: window i draws from its own generators (seeded by its index), so the windows'
+    batching does not change the estimate; more draws change it (it is Monte Carlo)."""
+    from torchdiffusion.evaluate.text import score_text
+
+    module, cfg, _, tok = load_text_model(runs["mdlm"])
+    text = (" ".join(WORDS) + " ") * 4  # 5 windows and a tail
+    a = score_text(module, cfg, tok, text, draws=2, batch_size=2)
+    b = score_text(module, cfg, tok, text, draws=2, batch_size=64)
+    assert a["windows"] == len(text) // L + 1 and a["estimate"] == "bound"
+    assert a["bits_per_character"] == pytest.approx(b["bits_per_character"], rel=1e-9)
+    assert score_text(module, cfg, tok, text, draws=3)["bits_per_character"] != a["bits_per_character"]
+
+
+def test_score_refuses_empty_text_and_unknown_characters(runs):
+    import torchdiffusion
+
+    lm = torchdiffusion.load(runs["mdlm"])
+    with pytest.raises(ValueError, match="non-empty str"):
+        lm.score("")
+    with pytest.raises(ValueError, match="characters not in the vocabulary: 'Z'"):
+        lm.score("the Z")
+    with pytest.raises(ValueError, match="draws must be at least 1"):
+        lm.score("the king", draws=0)
+
+
+def test_the_run_report_shows_text_samples_and_the_evaluation(runs, capsys):
+    """`torchdiffusion report` on a text run: the samples of generate-text and every split's bits per character of
+    `evaluate --out RUN_DIR/eval_text.json`."""
+    run_dir = runs["mdlm"].parent.parent
+    assert main(["generate-text", str(runs["mdlm"]), "--n", "2", "--prompt", "queen of ", "--steps", "4"]) == 0
+    assert main(["evaluate", str(runs["mdlm"]), "--draws", "1", "--out", str(run_dir / "eval_text.json")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    samples = json.loads((run_dir / "text" / "samples.json").read_text())["samples"]
+    assert "<h2>Text samples</h2>" in page and all(s.startswith("queen of ") for s in samples)
+    assert all(f"<pre>{s}</pre>" in page for s in samples)
+    result = json.loads((run_dir / "eval_text.json").read_text())
+    for split in ("test", "valid"):
+        assert f"<td>{split}.bits_per_character</td>" in page
+        assert f"<td class='num'>{result[split]['bits_per_character']:.6g}</td>" in page

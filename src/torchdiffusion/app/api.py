@@ -1,5 +1,7 @@
 """The Python API in one object: ``model = torchdiffusion.load(path)`` then ``model.sample(...)``, ``.inpaint(...)``,
-``.img2img(...)``, ``.invert(...)``, ``.evaluate(...)``.
+``.img2img(...)``, ``.invert(...)``, ``.evaluate(...)``. A text checkpoint (task ``text``) loads as a
+:class:`TextModel` instead: ``.generate(...)`` (prompting, infilling), ``.score(text)`` (bits per character of any
+text), ``.evaluate()``.
 
 `path` is a checkpoint of ``torchdiffusion train`` (or its checkpoints folder) or a diffusers model folder. Every
 method starts from the run's own sample configuration and takes its fields as keyword arguments (``sampler``,
@@ -13,12 +15,16 @@ import dataclasses
 
 import torch
 
-from ..build import codec_for, load_denoiser, load_noisy_classifier
+from ..build import codec_for, load_denoiser, load_noisy_classifier, load_text_model
+from ..checkpoint import read_meta
 from ..edit import edit_plan
 from ..evaluate.report import evaluate_checkpoint
+from ..evaluate.text import TEXT_EVAL_SEED, evaluate_text_checkpoint, score_text
+from ..interop.diffusers import is_diffusers_folder
 from ..latent.edit import Edits
 from ..sampling import SampleConfig, generate
 from ..utils import sample_generators
+from .text import generate_with
 
 
 class Model:
@@ -100,6 +106,46 @@ class Model:
         return evaluate_checkpoint(self.path, n=n, **kwargs)
 
 
-def load(path, *, use_ema: bool = True, device="cpu") -> Model:
-    """Load a checkpoint (or a diffusers model folder) as a :class:`Model`."""
+class TextModel:
+    """A loaded language model of task text (mdlm, d3pm or ar; docs/text.md). Attributes: ``module`` (the model,
+    ``module(x_t, t) -> logits``), ``config``, ``tokenizer``, ``objective``, ``seq_len`` (tokens per sample)."""
+
+    def __init__(self, path, *, use_ema: bool = True, device="cpu"):
+        self.path = path
+        self.use_ema = use_ema
+        self.module, self.config, self.meta, self.tokenizer = load_text_model(path, use_ema=use_ema, device=device)
+        self.objective = self.config.text.objective
+        self.seq_len = self.config.model.text_transformer.seq_len
+
+    def __repr__(self) -> str:
+        return (f"TextModel({str(self.path)!r}, objective={self.objective!r}, seq_len={self.seq_len}, "
+                f"vocab_size={self.tokenizer.vocab_size})")
+
+    def generate(self, n: int | None = None, *, prompt: str = "", infill: str = "", **fields) -> list[str]:
+        """n samples of seq_len tokens as text. `prompt` fixes a prefix; `infill` a template whose blank characters
+        (``blank``, "_" by default) are generated (diffusion models only). `fields`: the run's text.sample fields
+        (``steps``, ``sampler``, ``block_size``, ``seed``, ``blank``); sample i is seeded by (seed, i)."""
+        if n is not None:
+            fields["n"] = n
+        return generate_with(self.module, self.config, self.tokenizer, prompt=prompt, infill=infill,
+                             use_ema=self.use_ema, **fields)["samples"]
+
+    def score(self, text: str, *, draws: int | None = None, seed: int = TEXT_EVAL_SEED) -> dict:
+        """Bits per character of `text` (:func:`~torchdiffusion.evaluate.text.score_text`): the diffusion bound with
+        `draws` Monte Carlo draws per window (default: the run's text.eval_draws), or the AR model's exact NLL."""
+        draws = self.config.text.eval_draws if draws is None else int(draws)
+        if draws < 1:
+            raise ValueError(f"draws must be at least 1 (Monte Carlo time draws per window), got {draws}")
+        return score_text(self.module, self.config, self.tokenizer, text, draws=draws, seed=seed)
+
+    def evaluate(self, **kwargs) -> dict:
+        """Bits per character of the test and validation splits of the run's data set (evaluate_text_checkpoint)."""
+        return evaluate_text_checkpoint(self.path, use_ema=self.use_ema, **kwargs)
+
+
+def load(path, *, use_ema: bool = True, device="cpu") -> Model | TextModel:
+    """Load a checkpoint (or a diffusers model folder) as a :class:`Model`, a text checkpoint as a
+    :class:`TextModel`."""
+    if not is_diffusers_folder(path) and read_meta(path).get("config", {}).get("task") == "text":
+        return TextModel(path, use_ema=use_ema, device=device)
     return Model(path, use_ema=use_ema, device=device)

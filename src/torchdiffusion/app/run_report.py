@@ -87,6 +87,30 @@ def timings(metrics: list[dict], meta: dict) -> list[list]:
     return rows
 
 
+def scalar_rows(result: dict, prefix: str = "") -> list[list]:
+    """[name, value] of every number and string of a JSON result, nested fields named by their path
+    (``test.bits_per_character``)."""
+    rows = []
+    for k, v in result.items():
+        if isinstance(v, dict):
+            rows += scalar_rows(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            rows.append([f"{prefix}{k}", v])
+    return rows
+
+
+def text_samples(path: Path) -> list[str]:
+    """The section of a text run's last ``generate-text`` (RUN_DIR/text/samples.json), if there is one."""
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    settings = result.get("settings", {})
+    head = ", ".join(f"{k} {settings[k]!r}" for k in ("sampler", "steps", "prompt", "infill", "seed") if k in settings)
+    blocks = "".join(f"<pre>{html.escape(t)}</pre>" for t in result.get("samples", []))
+    return ["<h2>Text samples</h2>", f"<p>{html.escape(head)}; {result.get('model_calls')} model calls "
+            f"(step {result.get('step')})</p>", blocks]
+
+
 def write_report(run_dir, out=None) -> Path:
     """Write RUN_DIR/report.html (or `out`) and return its path."""
     run_dir = Path(run_dir)
@@ -113,9 +137,9 @@ def write_report(run_dir, out=None) -> Path:
         figs = "".join(f"<figure><img alt='{g.stem}' src='{_data_uri(g)}'><figcaption>step "
                        f"{int(g.stem.split('_')[1])}</figcaption></figure>" for g in (grids[i] for i in pick))
         sections += ["<h2>Samples during training</h2>", f"<div class='grids'>{figs}</div>"]
+    sections += text_samples(run_dir / "text" / "samples.json")
     for ev in sorted(run_dir.glob("eval*.json")):
-        result = json.loads(ev.read_text())
-        rows = [[k, v] for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+        rows = scalar_rows(json.loads(ev.read_text()))
         sections += [f"<h2>Evaluation ({html.escape(ev.name)})</h2>", _table(rows, ["quantity", "value"])]
     sections += ["<h2>Timings and state</h2>", _table(timings(metrics, meta), ["quantity", "value"])]
     cfg = run_dir / "config.yaml"

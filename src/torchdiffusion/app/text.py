@@ -91,6 +91,13 @@ def generate_text(path, *, prompt: str = "", infill: str = "", use_ema: bool = T
     """Samples of a text checkpoint as a dict: the texts, the settings (the run's text.sample with `options`
     applied), the model calls and the fixed positions. See the module docstring."""
     module, cfg, meta, tokenizer = load_text_model(path, use_ema=use_ema)
+    return {"checkpoint": str(path), "step": meta.get("step"),
+            **generate_with(module, cfg, tokenizer, prompt=prompt, infill=infill, use_ema=use_ema, **options)}
+
+
+def generate_with(module, cfg, tokenizer, *, prompt: str = "", infill: str = "", use_ema: bool = True,
+                  **options) -> dict:
+    """:func:`generate_text` on a loaded model (module, config, tokeniser), without the checkpoint's fields."""
     spec = dataclasses.replace(cfg.text.sample, **options)
     if spec.n < 1 or spec.steps < 0 or spec.block_size < 1 or len(spec.blank) != 1:
         raise ValueError(f"--n and --block-size must be >= 1, --steps >= 0 and --blank one character, got "
@@ -98,7 +105,7 @@ def generate_text(path, *, prompt: str = "", infill: str = "", use_ema: bool = T
     x, fixed = start(cfg, tokenizer, spec.n, prompt=prompt, infill=infill, blank=spec.blank)
     tokens, calls = draw(module, cfg, x, fixed, spec, sample_generators(spec.seed, spec.n))
     texts = tokenizer.decode(tokens)
-    return {"checkpoint": str(path), "step": meta.get("step"), "objective": cfg.text.objective,
+    return {"objective": cfg.text.objective,
             "settings": {**dataclasses.asdict(spec), "prompt": prompt, "infill": infill, "use_ema": use_ema},
             "model_calls": calls, "length": tokens.shape[1], "samples": texts,
             "fixed_positions": int(fixed[0].sum())}
