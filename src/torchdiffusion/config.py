@@ -74,9 +74,11 @@ class TrainConfig:
     warmup_steps: int = 100         # linear warm-up from 0 to lr
     lr_schedule: str = "cosine"     # cosine (to min_lr_ratio * lr) or constant after warm-up
     min_lr_ratio: float = 0.05      # final learning rate as a fraction of lr
+    lr_schedule_over: str = "steps"  # steps (warm-up and decay over train.steps) or time (over train.max_minutes of
+                                    # training time: the final lr at the budget whatever the step rate)
     grad_clip: float = 1.0          # max global gradient norm (0: off)
     ema_decay: float = 0.999        # EMA of the weights; effective decay min(this, (1+k)/(10+k))
-    precision: str = "fp32"         # fp32 or bf16 (autocast, fp32 master weights)
+    precision: str = "fp32"         # fp32, bf16 (autocast, fp32 master weights) or auto (the faster here, measured)
     channels_last: bool = False     # channels-last memory format for images
     grad_accum: int = 1             # micro-batches per optimizer step (same total batch, less memory)
     compile: bool = False           # torch.compile the network (falls back to eager with a warning)
@@ -336,10 +338,23 @@ def check_values(cfg: RunConfig) -> None:
     for key, v in decays:
         if not isinstance(v, (int, float)) or not 0 <= v < 1:
             raise ConfigError(f"{key} must be a number in [0, 1), got {v!r}")
+    check_lr_schedule_over(t)
     check_sample_values(cfg.sample)
     if cfg.name in ("", ".", "..") or Path(cfg.name).name != cfg.name or "\\" in cfg.name:
         raise ConfigError(f"name must be a plain folder name (the run goes to out_dir/name), got {cfg.name!r}; "
                           "put the folder of runs in out_dir=...")
+
+
+LR_SCHEDULE_OVER = ("steps", "time")  # what train.lr_schedule_over may be
+
+
+def check_lr_schedule_over(t: TrainConfig) -> None:
+    """train.lr_schedule_over is steps or time, and time has a budget to run over (train.max_minutes > 0)."""
+    check_choice("train.lr_schedule_over", t.lr_schedule_over, LR_SCHEDULE_OVER)
+    if t.lr_schedule_over == "time" and not t.max_minutes > 0:
+        raise ConfigError(f"train.lr_schedule_over='time' runs the learning-rate schedule over the time budget, but "
+                          f"train.max_minutes is {t.max_minutes:g} (no budget): set train.max_minutes to the minutes "
+                          "of training (e.g. train.max_minutes=10), or train.lr_schedule_over=steps")
 
 
 # task text: objective -> (the discrete process, and the network settings that follow from it; None: free)

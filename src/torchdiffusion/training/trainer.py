@@ -1,4 +1,5 @@
-"""The trainer: AdamW, warm-up + cosine learning rate, gradient clipping, EMA, mixed precision, checkpoints.
+"""The trainer: AdamW, warm-up + cosine learning rate (over train.steps, or over the time budget train.max_minutes:
+train.lr_schedule_over), gradient clipping, EMA, mixed precision, checkpoints.
 
 It holds no diffusion math: each step is ``loss = objective(module, x0, cond)`` with the module and objective
 that :mod:`torchdiffusion.build` makes for the run's task. A run lives in ``out_dir/name``: ``config.yaml``,
@@ -42,9 +43,10 @@ from ..utils import check_choice, hash_seed, sample_generators
 from .distributed import (all_mean, any_flag, barrier, broadcast_flag, init_distributed, is_peer_failure,
                           per_rank_batch, wrap_ddp)
 from .guard import RunLock, RunLockError, StopSignals, describe_holder
+from .precision import (AUTO, DTYPES, PRECISIONS, PROBE_SEED, Decision, autocast, resolve_auto, run_shape,
+                        step_function, typical_width)
 from .tracking import ScalarWriter, read_metrics, rewrite_metrics
 
-PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 # fields that may change between a run and its continuation; every other field must match
 RESUMABLE_CHANGES = {"name", "out_dir", "sample", "train.steps", "train.max_minutes", "train.log_every",
@@ -116,13 +118,30 @@ class EMA:
 
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr_ratio * lr (or constant)."""
+    """The learning rate of step `step` (from 0) over train.steps (train.lr_schedule_over=steps): linear warm-up to
+    cfg.lr over warmup_steps, then the decay of `_decay` over the remaining steps."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    return _decay(min(1.0, (step - cfg.warmup_steps) / span), cfg)
+
+
+def lr_at_fraction(fraction: float, cfg) -> float:
+    """The learning rate at `fraction` of the time budget (train.lr_schedule_over=time; `fraction` is the elapsed
+    training time over 60 * max_minutes, see Trainer.train_seconds): linear warm-up from 0 to cfg.lr over the first
+    w = warmup_steps / steps of the budget (the share of the steps that lr_at warms up over), then the decay of
+    `_decay` over the rest, which reaches min_lr_ratio * lr at fraction 1 and stays there."""
+    w = min(1.0, cfg.warmup_steps / cfg.steps)
+    if fraction < w:
+        return cfg.lr * max(0.0, fraction) / w
+    return _decay(1.0 if w >= 1.0 else min(1.0, (fraction - w) / (1.0 - w)), cfg)
+
+
+def _decay(progress: float, cfg) -> float:
+    """The learning rate after warm-up at `progress` in [0, 1] of the decay: cosine from lr to min_lr_ratio * lr
+    (Loshchilov & Hutter 2017, "SGDR", eq. 5 without restarts), or lr throughout (lr_schedule constant)."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr_ratio * cfg.lr
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -172,6 +191,8 @@ class _LossWindow:
 class Trainer:
     """Train the configured model on the configured data. `fit()` runs to cfg.train.steps (or max_minutes)."""
 
+    clock = staticmethod(time.perf_counter)  # seconds; times the steps (train_seconds); a test may replace it
+
     def __init__(self, cfg: RunConfig, *, dataset=None, resume: bool = True, progress: bool | None = None,
                  log_lines: bool = False, device: str | torch.device | None = None, hooks=()):
         t = validate(cfg).train
@@ -198,11 +219,14 @@ class Trainer:
         self.step, self.best_val, self.resumed_from = 0, math.inf, None
         self.nonfinite_in_a_row = 0  # consecutive skipped steps (train.nonfinite_skips)
         self.skipped_last_step = False
+        self.train_seconds = 0.0     # elapsed training time of the run, all its continuations (_timed_step)
         self._last_on_disk = None    # the step of checkpoints/last.safetensors, when this run knows it
         self._stop = StopSignals()   # replaced by an installed one while fit() runs
         self.lock = None
+        self._recorded_precision = None  # the dtype the checkpoint a continued run starts from trained in
         self._commit()
         self._open_run(resume)
+        self.precision = self._resolve_precision()  # fp32 or bf16 (train.precision auto resolved)
 
     def _build_parts(self) -> None:
         """Schedule, module, objective, EMA, DDP / torch.compile wrappers, AdamW and the batch order."""
@@ -374,6 +398,8 @@ class Trainer:
             "best_val": None if math.isinf(self.best_val) else self.best_val,
             "ema_updates": self.ema.updates,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "precision": self.precision,
+            "train_seconds": self.train_seconds,
             "data_shape": list(self.data.sample_shape),
             "world_size": self.dist.world_size,
             **({"data": self.data.meta} if hasattr(self.data, "meta") else {}),
@@ -461,6 +487,11 @@ class Trainer:
             self.objective.load_state_dict(groups.get("objective", {}), self.module)
         self.step = meta["step"]
         self.nonfinite_in_a_row = meta_field(meta, "nonfinite_in_a_row", int, path, default=0)
+        self._recorded_precision = meta_field(meta, "precision", str, path, default=None)
+        if self._recorded_precision not in (None, *DTYPES):
+            raise CheckpointError(f"{path}: the metadata field 'precision' is {self._recorded_precision!r}, not "
+                                  f"one of {', '.join(DTYPES)}")
+        self.train_seconds = meta_field(meta, "train_seconds", float, path, default=0.0)
         if self.dist.world_size == 1 and meta_field(meta, "world_size", int, path, default=1) == 1:
             torch.set_rng_state(groups["rng"]["torch"])
         else:  # dropout masks cannot follow a change of sharding: reseed per process
@@ -483,9 +514,39 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- pieces
     def autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The context of the training forward: bf16 autocast or nothing, as train.precision resolved."""
+        return autocast(self.device, self.precision)
+
+    def _resolve_precision(self) -> str:
+        """train.precision, auto resolved (training/precision.py): to the dtype the checkpoint this run continues
+        recorded, else to rank 0's cached or probed choice, which every process takes; one line says why."""
+        t = self.cfg.train
+        if t.precision != AUTO:
+            self.precision_decision = Decision(t.precision, "forced")
+            return t.precision
+        decision = None
+        if self._recorded_precision is not None:
+            decision = Decision(self._recorded_precision, "resumed")
+        elif self.dist.is_main:
+            micro = max(1, self.local_batch // t.grad_accum)
+            decision = resolve_auto(lambda: self._probe_step(micro), self.device, typical_width(self.net),
+                                    run_shape(self.cfg, micro, self.data.sample_shape))
+        bf16 = broadcast_flag(decision is not None and decision.precision == "bf16", self.dist, self.device)
+        self.precision_decision = decision
+        if decision is not None:
+            self._say(decision.describe())
+        return "bf16" if bf16 else "fp32"
+
+    def _probe_step(self, n: int):
+        """The precision probe's step function: the objective's forward + backward on copies of the module and
+        objective, on the first n examples (flipped and noised by throwaway generators) laid out as in training."""
+        idx = torch.arange(n) % len(self.data)
+        x0, y, extra = self._batch(idx, generator=sample_generators(PROBE_SEED, n), flip=self.cfg.data.flip,
+                                   device=self.device)
+        if self.cfg.train.channels_last and self.is_image:
+            x0 = x0.contiguous(memory_format=torch.channels_last)  # (n, C, H, W)
+        step = {"step": self.step} if getattr(self.objective, "takes_step", False) else {}
+        return step_function(self.module, self.objective, x0, {**self._cond(y), **extra}, self.device, **step)
 
     def example_generators(self, n: int) -> list[torch.Generator]:
         """One generator per example of this process's n examples of the current global batch, seeded by (seed,
@@ -539,12 +600,25 @@ class Trainer:
         return torch.nn.utils.get_total_norm([p.grad for p in self.net.parameters() if p.grad is not None],
                                              foreach=True)
 
+    @property
+    def schedule_fraction(self) -> float:
+        """How far the learning-rate schedule has gone: train_seconds over the budget 60 * train.max_minutes
+        (train.lr_schedule_over=time; 1 or more: spent), else the steps done over train.steps."""
+        t = self.cfg.train
+        return self.train_seconds / (60 * t.max_minutes) if t.lr_schedule_over == "time" else self.step / t.steps
+
+    def scheduled_lr(self) -> float:
+        """The learning rate of the next step, a function of recorded state only (the step, or train_seconds), so
+        a continued run sets what an uninterrupted one would: lr_at(step), or lr_at_fraction(schedule_fraction)."""
+        t = self.cfg.train
+        return lr_at_fraction(self.schedule_fraction, t) if t.lr_schedule_over == "time" else lr_at(self.step, t)
+
     def train_step(self, indices) -> torch.Tensor:
         """One optimizer step on this process's `indices`: gradients (objective + backward, all-reduced), clipping,
         AdamW, EMA. A step whose gradient norm (or, in one process, loss) is not finite changes no weight (see
         _non_finite). Returns the loss as a 0-d tensor; the finite check is the step's one host sync."""
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, self.cfg.train)
+            g["lr"] = self.scheduled_lr()
         loss = self._gradients_or_eager(indices)
         norm = self._gradient_norm()
         finite = torch.isfinite(norm) if self.dist.enabled else torch.isfinite(norm) & torch.isfinite(loss)
@@ -627,7 +701,7 @@ class Trainer:
         return {
             "steps": self.step, "steps_this_run": steps_done, "seconds": elapsed,
             "images_per_s": steps_done * t.batch_size / max(elapsed, 1e-9), "best_val": self.best_val,
-            "stopped_early": stopped_early, "run_dir": str(self.run_dir),
+            "stopped_early": stopped_early, "run_dir": str(self.run_dir), "train_seconds": self.train_seconds,
         }
 
     def _open_logs(self) -> ScalarWriter | None:
@@ -691,28 +765,54 @@ class Trainer:
 
     def _checkpoint_due(self) -> bool:
         t = self.cfg.train
-        return bool(t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps
+        return bool(t.ckpt_every and self.step % t.ckpt_every == 0) or self._at_end()
+
+    def _budget_spent(self) -> bool:
+        """train.lr_schedule_over=time: the schedule has reached the end of the time budget (the run is done)."""
+        return self.cfg.train.lr_schedule_over == "time" and self.schedule_fraction >= 1.0
+
+    def _at_end(self) -> bool:
+        return self.step == self.cfg.train.steps or self._budget_spent()
 
     def _loop(self, writer, bar, t0) -> bool:
-        """Steps to train.steps (returns False) or to the time budget (True): the log line, the hooks and the
-        checkpoint when due, and a stop signal read at the top of each step and between hooks."""
+        """Steps to train.steps or, with train.lr_schedule_over=time, to the end of the schedule's time budget
+        (returns False), or to this invocation's time budget train.max_minutes (lr_schedule_over=steps; returns
+        True): the log line, the hooks and the checkpoint when due, and a stop signal read at the top of each
+        step and between hooks."""
         t = self.cfg.train
-        deadline = t0 + 60 * t.max_minutes if t.max_minutes > 0 else math.inf
+        over_time = t.lr_schedule_over == "time"
+        deadline = t0 + 60 * t.max_minutes if t.max_minutes > 0 and not over_time else math.inf
         window = _LossWindow(self.device)
         self.net.train()
-        while self.step < t.steps:
+        while self.step < t.steps and not self._budget_spent():
             self._check_stop(every_process=True)
-            window.add(self.train_step(self.sampler.next_batch()), counted=not self.skipped_last_step)
+            window.add(self._timed_step(), counted=not self.skipped_last_step)
             if bar is not None:
                 bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if self.step % t.log_every == 0 or self._at_end():
                 self._log(writer, bar, window, t0)
             self._run_hooks(writer)
             if self._checkpoint_due():
                 self.checkpoint(writer)
             if self._out_of_time(deadline) and self.step < t.steps:
                 return True
+        if over_time and not self._budget_spent():
+            self._say(f"note: train.steps={t.steps} reached at {self.schedule_fraction:.0%} of the time budget "
+                      f"(train.max_minutes={t.max_minutes:g}): raise train.steps to train for the whole budget")
         return False
+
+    def _timed_step(self) -> torch.Tensor:
+        """train_step on the next batch, its clock time added to train_seconds: the elapsed training time counts
+        the steps of fit's loop (batch, forward, backward, optimizer, EMA), not the log lines, hooks, validation
+        and checkpoints between them nor start-up. With several processes, the time-based schedule takes their
+        mean, so that all set the same learning rate and stop at the same step."""
+        start = self.clock()
+        loss = self.train_step(self.sampler.next_batch())
+        seconds = self.clock() - start
+        if self.dist.enabled and self.cfg.train.lr_schedule_over == "time":
+            seconds = float(all_mean(torch.tensor(seconds, dtype=torch.float64, device=self.device), self.dist))
+        self.train_seconds += seconds
+        return loss
 
     def _check_stop(self, every_process: bool = False) -> None:
         """Raise _StopRequested if a stop signal came. With several processes the check is made at the top of
@@ -741,14 +841,19 @@ class Trainer:
         ips = window.steps * t.batch_size / max(now - window.since, 1e-9)
         terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
                  for k, v in getattr(self.objective, "last_terms", {}).items() if k != "loss"}
+        lr = self.opt.param_groups[0]["lr"]
+        over_time = t.lr_schedule_over == "time"  # then the schedule's progress too: the fraction of the budget
         if writer is not None:
-            writer.add_scalars(self.step, {"loss": loss, "lr": self.opt.param_groups[0]["lr"], "images_per_s": ips,
-                                           **terms})
+            writer.add_scalars(self.step, {"loss": loss, "lr": lr, "images_per_s": ips, **terms,
+                                           **({"schedule": self.schedule_fraction} if over_time else {})})
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}",
+                            **({"lr": f"{lr:.3g}", "budget": f"{self.schedule_fraction:.0%}"} if over_time else {}))
         elif self.log_lines and self.dist.is_main and now - window.last_line >= LOG_LINE_EVERY_S:
-            print(f"step {self.step}/{t.steps}  loss {loss:.4f}  {ips:.0f} img/s  {now - t0:.0f} s", file=sys.stderr,
-                  flush=True)
+            sched = (f"  lr {lr:.3g}  {self.train_seconds:.0f}/{60 * t.max_minutes:.0f} s of training "
+                     f"({self.schedule_fraction:.0%})" if over_time else "")
+            print(f"step {self.step}/{t.steps}  loss {loss:.4f}  {ips:.0f} img/s  {now - t0:.0f} s{sched}",
+                  file=sys.stderr, flush=True)
             window.last_line = now
         window.reset(now)
 
