@@ -10,6 +10,7 @@ A run's ``task`` says what it trains; each task pairs a wrapper of the raw netwo
     distill           a student denoiser (fewstep.methods)      the method's objective     unet, dit, uvit, mlp
     text              TextModule: (x_t, t) -> logits            DiscreteObjective (mdlm,   text_transformer
                                                                 d3pm), NextTokenObjective (ar)
+    series            Precond on windows (N, C, L)              DiffusionObjective         unet1d, dit1d
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .config import (TEXT_NET, TEXT_OBJECTIVES, ConfigError, RunConfig, from_dic
                      set_by_path, text_derived, to_dict, upgrade_config, validate)
 from .discrete import DiscreteObjective, NextTokenObjective, bits_per_character
 from .interop.diffusers import is_diffusers_folder, load_diffusers
-from .data import make_dataset, make_text_dataset, tokenizer_from_dict
+from .data import make_dataset, make_series_dataset, make_text_dataset, tokenizer_from_dict
 from .fewstep import CouplingDataset, make_coupling
 from .fewstep.methods import (METHODS, NEW_INPUTS, coupling_sigmas, default_spacing, make_objective, round_steps,
                               rounds_of, sample_defaults, served, student_denoiser, usable_spacing)
@@ -99,6 +100,20 @@ TASKS = {
         configure=lambda cfg, data: text_config(cfg, data.tokenizer.vocab_size),
         validation=lambda cfg, data: text_validation(cfg, data.tokenizer)),
 }
+TASKS["series"] = dataclasses.replace(  # a denoiser of series windows (docs/timeseries.md)
+    TASKS["denoiser"], kinds=("unet1d", "dit1d"), configure=lambda cfg, data: series_config(cfg, data))
+
+
+def series_config(cfg: RunConfig, data) -> RunConfig:
+    """A series run's network takes its window length (series.length) and channels from the data; a length set by
+    hand to another value is refused."""
+    net, kind = net_config(cfg), cfg.model.kind
+    channels, length = data.sample_shape
+    if net.length not in (length, type(net)().length):
+        raise ConfigError(f"model.{kind}.length={net.length} contradicts series.length={length}: leave "
+                          f"model.{kind}.length out (it follows from series.length)")
+    model = dataclasses.replace(cfg.model, **{kind: net.replace(length=length, in_channels=channels)})
+    return validate(dataclasses.replace(cfg, model=model))
 
 
 def autoencoder_latent_scale(trainer) -> float:
@@ -155,6 +170,8 @@ def net_input_shape(cfg: RunConfig) -> tuple:
         return (c.dim,)
     if hasattr(c, "seq_len"):  # token ids (L,)
         return (c.seq_len,)
+    if hasattr(c, "length"):  # series windows (C, L)
+        return (c.in_channels, c.length)
     size = (c.image_size, c.image_size) if isinstance(c.image_size, int) else tuple(c.image_size)
     return (c.in_channels, *size)
 
@@ -245,6 +262,8 @@ def build_dataset(cfg: RunConfig, split: str = "train", *, progress: bool = True
     d = cfg.data
     if cfg.task == "text":
         return text_dataset(cfg, split, verbose=progress)
+    if cfg.task == "series":
+        return make_series_dataset(d.dataset, split, cfg.series)
     images = make_dataset(d.dataset, split=split, image_size=d.image_size, subset=d.subset)
     if not d.autoencoder:
         return images

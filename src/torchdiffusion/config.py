@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from .data.timeseries import SeriesConfig, check_series_config
 from .discrete import DiscreteObjectiveConfig
-from .nets import (AutoencoderConfig, ClassifierConfig, DiTConfig, MLPConfig, NETS, TextTransformerConfig, UNetConfig,
-                   UViTConfig)
+from .nets import (AutoencoderConfig, ClassifierConfig, DiT1DConfig, DiTConfig, MLPConfig, NETS, TextTransformerConfig,
+                   UNet1DConfig, UNetConfig, UViTConfig)
 from .latent.objective import AutoencoderLossConfig
 from .fewstep.methods import DistillConfig, check_distill
 from .objectives import ObjectiveConfig
@@ -62,6 +63,8 @@ class ModelConfig:
     noisy_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text_transformer: TextTransformerConfig = field(default_factory=TextTransformerConfig)
+    unet1d: UNet1DConfig = field(default_factory=UNet1DConfig)  # task series: the 1-D U-Net
+    dit1d: DiT1DConfig = field(default_factory=DiT1DConfig)     # task series: the 1-D patch transformer
 
 
 @dataclass
@@ -95,7 +98,7 @@ class TrainConfig:
     dist_timeout_s: float = 600.0   # data-parallel: seconds a process waits for the others before it fails
 
 
-TASKS = ("denoiser", "noisy_classifier", "autoencoder", "distill", "text")  # what a run trains; see build
+TASKS = ("denoiser", "noisy_classifier", "autoencoder", "distill", "text", "series")  # what a run trains; see build
 
 
 @dataclass
@@ -132,6 +135,8 @@ class RunConfig:
     autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # task autoencoder
     distill: DistillConfig = field(default_factory=DistillConfig)  # task distill: the method and its teacher
     text: TextConfig = field(default_factory=TextConfig)  # task text: the objective, its evaluation and sampling
+    series: SeriesConfig = field(default_factory=SeriesConfig)  # task series: windows, horizon, split (data.dataset
+                                                                # names the series; docs/timeseries.md)
 
     @property
     def run_dir(self) -> Path:
@@ -288,6 +293,12 @@ def validate(cfg: RunConfig) -> RunConfig:
             check_distill(cfg.distill)
         if cfg.task == "text":
             check_text(cfg)
+        if cfg.task == "series":
+            check_series_config(cfg.series)
+            if cfg.train.sample_every or cfg.train.eval_every:
+                raise ValueError("task series draws no sample grids or image evaluations during training (forecasts "
+                                 "are scored by torchdiffusion forecast and bench/timeseries.py): set "
+                                 "train.sample_every=0 and train.eval_every=0")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg

@@ -19,6 +19,8 @@ a sigma grid and works in VE coordinates (x = x0 + sigma n):
 * interpolation: invert two images, slerp the noises, decode each with DDIM.
 * cascade (Ho et al. 2021, "Cascaded diffusion models"): a base model, then a super-resolution model
   conditioned on its samples, noise-augmented at level `aug_sigma`.
+* series (N, C, L): forecasting and gap filling are inpainting of the unknown steps (`series_mask`, `impute`:
+  several draws per window, each with its own generator; docs/timeseries.md).
 """
 from __future__ import annotations
 
@@ -272,3 +274,38 @@ def sample_cascade(base, sr, base_shape: tuple, sr_shape: tuple, spec: SampleCon
     sr_spec = dataclasses.replace(spec, seed=hash_seed(spec.seed, CASCADE_STREAM + 1))
     high = generate(sr, sr_shape, sr_spec, n=n, cond=cond, progress=progress)
     return low, high
+
+
+# ------------------------------------------------------------------------- series: forecasting, gap filling
+def series_mask(length: int, *, horizon: int = 0, gaps=()) -> torch.Tensor:
+    """The known-steps mask (1, L) of a window (N, C, L) for :func:`inpaint` (1 = observed): forecasting hides the
+    last `horizon` steps, gap filling the half-open ranges `gaps` [(start, stop), ...]."""
+    if not 0 <= horizon < length:
+        raise ValueError(f"horizon={horizon} must be in [0, {length}) for a window of {length} steps (it needs "
+                         "observed steps before the horizon): lower the horizon or use a longer window")
+    mask = torch.ones(1, length)
+    mask[:, length - horizon:] = 0
+    for start, stop in gaps:
+        if not 0 <= start < stop <= length:
+            raise ValueError(f"gap ({start}, {stop}) is not a range inside [0, {length})")
+        mask[:, start:stop] = 0
+    if mask.all():
+        raise ValueError("nothing to fill: give a horizon > 0 or a gap")
+    return mask
+
+
+def impute(denoiser, window: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor, *, samples: int,
+           seed: int = 0, sampler: str = DEFAULT_STEP_SAMPLER, batch_size: int = 256, **opts) -> torch.Tensor:
+    """`samples` draws of the unknown steps (mask = 0) of each window (N, C, L) given its known steps, by
+    :func:`inpaint` (the known steps of every draw equal `window` exactly): (samples, N, C, L). Draw s of window
+    n uses its own generator seeded (seed, s N + n), so it does not depend on `samples` or `batch_size`."""
+    if samples < 1 or batch_size < 1:
+        raise ValueError(f"samples and batch_size must be at least 1, got {samples}, {batch_size}")
+    n = window.shape[0]
+    x = window.unsqueeze(0).expand(samples, *window.shape).reshape(samples * n, *window.shape[1:])  # (S N, C, L)
+    out = []
+    for lo in range(0, samples * n, batch_size):
+        part = x[lo:lo + batch_size]
+        gens = sample_generators(seed, len(part), offset=lo, device=str(part.device))
+        out.append(inpaint(denoiser, part, mask, sigmas, sampler=sampler, generator=gens, **opts))
+    return torch.cat(out).view(samples, *window.shape)

@@ -109,12 +109,13 @@ def test_presets_and_config_round_trip():
 def test_build_net_registry():
     from torchdiffusion.nets import PRESETS, DiT, UViT
 
-    assert set(NETS) == {"unet", "dit", "uvit", "mlp", "noisy_classifier", "autoencoder", "text_transformer"}
+    assert set(NETS) == {"unet", "dit", "uvit", "mlp", "noisy_classifier", "autoencoder", "text_transformer", "unet1d",
+                         "dit1d"}
     assert isinstance(build_net("unet", preset="tiny"), UNet)
     assert isinstance(build_net("unet", channels=8, attn_resolutions=()), UNet)
     assert isinstance(build_net("dit", image_size=8, depth=1, hidden_size=16, num_heads=2), DiT)
     assert isinstance(build_net("uvit", image_size=8, depth=1, hidden_size=16, num_heads=2), UViT)
-    assert set(PRESETS) == {"unet", "dit", "uvit", "text_transformer"} and len(PRESETS["dit"]) == 12 and len(PRESETS["uvit"]) == 5
+    assert set(PRESETS) == {"unet", "dit", "uvit", "text_transformer", "unet1d", "dit1d"} and len(PRESETS["dit"]) == 12 and len(PRESETS["uvit"]) == 5
     with pytest.raises(ValueError, match="allowed values: 'unet', 'dit', 'uvit', 'mlp', 'noisy_classifier', 'autoencoder'"):
         build_net("transformer")
 

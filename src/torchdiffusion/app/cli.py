@@ -40,6 +40,7 @@ from ..training import dist_info, train
 from ..utils import check_choice, sample_generators
 from .demo import run_demo
 from .distill import run_distill
+from .forecast import add_forecast_command
 from .hooks import standard_hooks
 from .inputs import load_images, load_samples, make_mask
 from .run_report import write_report
@@ -49,7 +50,8 @@ NONE_ARG = "none"  # `--class-label none`: unconditional, whatever the run's sam
 BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"  # the benchmarks of a source checkout
 BENCHMARKS = {"samplers": "samplers.py", "train-speed": "train_speed.py", "guidance": "guidance.py",
               "structure": "structure.py", "floor": "floor.py", "backbones": "backbones.py", "latent": "latent.py",
-              "fewstep": "fewstep.py", "faults": "faults.py", "interop": "interop.py", "norm-act": "norm_act.py"}
+              "fewstep": "fewstep.py", "faults": "faults.py", "interop": "interop.py", "norm-act": "norm_act.py",
+              "timeseries": "timeseries.py", "text": "text.py"}
 EDIT_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "sampler_options", "seed", "use_ema", "clip_x0", "class_label")
 EVAL_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "final", "sampler_options", "seed", "batch_size", "use_ema",
                       "clip_x0", "class_label", "guidance", "guidance_scale", "classifier")
@@ -568,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_edit_commands(sub)
     _add_eval_commands(sub)
+    add_forecast_command(sub)
     return p
 
 

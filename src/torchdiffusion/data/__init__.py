@@ -1,5 +1,6 @@
 """Data: the cache folder, MNIST and Fashion-MNIST, image folders and .npz arrays, 2-D toy sets, in-memory datasets,
-text (tokenisers, Shakespeare, token windows) and a deterministic, resumable batch sampler.
+text (tokenisers, Shakespeare, token windows), time series windows (timeseries) and a deterministic, resumable
+batch sampler.
 
 Data sets never live in the repository; downloads go to :func:`cache_dir`.
 """
@@ -18,6 +19,7 @@ from .images import (IMAGE_EXTENSIONS, TensorImageDataset, convert_channels, fin
                      load_npz, resize_images, to_uint8_nchw)
 from .mnist import RestrictedUnpickler, load_mnist, mnist_path, prepare_mnist, read_idx
 from .sampler import EpochSampler
+from .timeseries import SERIES, SeriesConfig, SeriesWindows, make_series_dataset
 from .text import (TEXT_DATASETS, TEXT_SPLITS, TOKENIZERS, ByteTokenizer, CharTokenizer, TextWindows,
                    make_text_dataset, make_tokenizer, prepare_shakespeare, prepare_text, read_split,
                    tokenizer_from_dict)
@@ -127,4 +129,5 @@ __all__ = [
     "IMAGE_EXTENSIONS", "TOY_DATASETS", "GaussianMixture", "gaussian", "make_toy", "random_mixture",
     "ring_mixture", "TEXT_DATASETS", "TEXT_SPLITS", "TOKENIZERS", "ByteTokenizer", "CharTokenizer", "TextWindows",
     "make_text_dataset", "make_tokenizer", "prepare_shakespeare", "prepare_text", "read_split", "tokenizer_from_dict",
+    "SERIES", "SeriesConfig", "SeriesWindows", "make_series_dataset",
 ]

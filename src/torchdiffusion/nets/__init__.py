@@ -17,6 +17,8 @@ logits (N, L, V) (the discrete diffusion contract, docs/text.md).
     build_net("mlp", dim=2, hidden=256)
     build_net("text_transformer", size="S", vocab_size=65)           # MDLM's absorbing denoiser, 65 characters
     build_net("text_transformer", size="S", causal=True, mask_token=False)   # its autoregressive twin
+    build_net("unet1d", preset="S", length=64, in_channels=1)      # a 1-D U-Net over series windows (N, C, L)
+    build_net("dit1d", size="S", patch_len=4, length=64)           # a 1-D patch transformer (adaLN-Zero blocks)
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ from ..utils import check_choice
 from .autoencoder import AutoencoderConfig, AutoencoderNet, KLAutoencoder
 from .classifier import ClassifierConfig, NoisyClassifier
 from .dit import DIT_PRESETS, DIT_SIZES, DiT, DiTConfig
+from .dit1d import DIT1D_PRESETS, DiT1D, DiT1DConfig
 from .embeddings import TimeEmbedding, sincos_position_embedding_2d, timestep_embedding
 from .mlp import MLPConfig, MLPDenoiserNet, ResMLPBlock
 from .text import (TEXT_PRESETS, TEXT_SIZES, TextTransformer, TextTransformerConfig, macs_per_sequence, macs_per_token,
                    shift_for_next_token)
 from .unet import UNET_PRESETS, UNet, UNetConfig, count_parameters
+from .unet1d import UNET1D_PRESETS, UNet1D, UNet1DConfig
 from .uvit import UVIT_PRESETS, UVIT_SIZES, UViT, UViTConfig
 
 NETS = {  # kind -> (network class, its config dataclass)
@@ -41,9 +45,12 @@ NETS = {  # kind -> (network class, its config dataclass)
     "noisy_classifier": (NoisyClassifier, ClassifierConfig),
     "autoencoder": (AutoencoderNet, AutoencoderConfig),
     "text_transformer": (TextTransformer, TextTransformerConfig),
+    "unet1d": (UNet1D, UNet1DConfig),
+    "dit1d": (DiT1D, DiT1DConfig),
 }
 PRESETS = {  # kind -> named configs
     "unet": UNET_PRESETS, "dit": DIT_PRESETS, "uvit": UVIT_PRESETS, "text_transformer": TEXT_PRESETS,
+    "unet1d": UNET1D_PRESETS, "dit1d": DIT1D_PRESETS,
 }
 
 
@@ -64,5 +71,5 @@ __all__ = [
     "UViTConfig", "UVIT_PRESETS", "UVIT_SIZES", "MLPDenoiserNet", "MLPConfig", "ResMLPBlock", "ClassifierConfig",
     "NoisyClassifier", "AutoencoderConfig", "AutoencoderNet", "KLAutoencoder", "TextTransformer",
     "TextTransformerConfig", "TEXT_PRESETS", "TEXT_SIZES", "macs_per_sequence", "macs_per_token",
-    "shift_for_next_token",
+    "shift_for_next_token", "UNet1D", "UNet1DConfig", "UNET1D_PRESETS", "DiT1D", "DiT1DConfig", "DIT1D_PRESETS",
 ]
