@@ -28,7 +28,7 @@ NEVER = {
     "training": {"evaluate", "app", "viz", "sampling"},
     "evaluate": {"training", "app", "viz"},
 }
-CORE = {"schedules", "precond", "objectives", "guidance"}  # utils is shared by every part
+CORE = {"schedules", "precond", "objectives", "guidance", "variance"}  # utils is shared by every part
 
 
 def part_of(module: str) -> str | None:

@@ -69,7 +69,8 @@ class Task:
 
 TASKS = {
     "denoiser": Task(
-        wrap=lambda net, schedule, cfg: Precond(net, schedule, cfg.diffusion.prediction),
+        wrap=lambda net, schedule, cfg: Precond(net, schedule, cfg.diffusion.prediction,
+                                                learned_variance=cfg.diffusion.objective.kind != "simple"),
         objective=lambda schedule, cfg: DiffusionObjective(schedule, cfg.diffusion.objective,
                                                            prediction=cfg.diffusion.prediction,
                                                            num_classes=num_classes(cfg),

@@ -21,11 +21,11 @@ from .nets import (AutoencoderConfig, ClassifierConfig, DiT1DConfig, DiTConfig, 
                    UNet1DConfig, UNetConfig, UViTConfig)
 from .latent.objective import AutoencoderLossConfig
 from .fewstep.methods import DistillConfig, check_distill
-from .objectives import ObjectiveConfig
+from .objectives import KINDS as OBJECTIVE_KINDS, ObjectiveConfig
 from .precond import PREDICTIONS
 from .sampling import SAMPLERS, SPACINGS, SampleConfig, check_sampler_options
 from .sampling.generate import nonfinite_field
-from .schedules import SCHEDULES, check_schedule_options
+from .schedules import DISCRETE_SCHEDULES, SCHEDULES, check_schedule_options
 from .utils import check_choice
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -286,6 +286,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         check_sampler_options(cfg.sample.sampler, {**cfg.sample.sampler_options,
                                                    **({"final": cfg.sample.final} if cfg.sample.final else {})})
         check_values(cfg)
+        check_objective_kind(cfg)
         if cfg.distill.method and cfg.task != "distill":
             raise ValueError(f"distill.method is {cfg.distill.method!r} but task is {cfg.task!r}: a few-step student "
                              "is task 'distill' (torchdiffusion distill METHOD TEACHER)")
@@ -331,6 +332,21 @@ def check_sample_values(spec, prefix: str = "sample.") -> None:
         low = AT_LEAST.get(f"sample.{f.name}")
         if low is not None and v < low[0]:
             raise ConfigError(f"{name(f.name)} must be at least {low[0]}, got {v} ({low[1]})")
+
+
+def check_objective_kind(cfg: RunConfig) -> None:
+    """diffusion.objective.kind hybrid or vlb (learned variances, docs/likelihood.md) needs a discrete schedule and
+    a network built with learn_sigma."""
+    kind = check_choice("diffusion.objective.kind", cfg.diffusion.objective.kind, OBJECTIVE_KINDS)
+    if kind == "simple" or cfg.task not in ("denoiser", "series"):
+        return
+    if cfg.diffusion.schedule not in DISCRETE_SCHEDULES:
+        raise ValueError(f"diffusion.objective.kind={kind} learns the variance of DDPM's discrete steps: set "
+                         f"diffusion.schedule to one of {', '.join(DISCRETE_SCHEDULES)}, not "
+                         f"{cfg.diffusion.schedule!r}")
+    if not getattr(getattr(cfg.model, cfg.model.kind, None), "learn_sigma", False):
+        raise ValueError(f"diffusion.objective.kind={kind} trains a learned variance: set "
+                         f"model.{cfg.model.kind}.learn_sigma=true (kinds with variance channels: unet, dit)")
 
 
 def check_values(cfg: RunConfig) -> None:

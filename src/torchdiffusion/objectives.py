@@ -26,6 +26,13 @@ weighted denoising loss is averaged over the kept patches only, and ``mae_weight
 reconstruction of the dropped ones, lambda * mean over dropped patches of ||D_patch - norm(x_patch)||^2 / P, the
 target being the noisy input's patch normalised to zero mean and unit variance (MaskDiT's loss, with the
 paper's lambda = 0.1). Validation (:meth:`DiffusionObjective.per_sample`) and sampling use every token.
+
+Learned variances (Nichol & Dhariwal 2021; docs/likelihood.md), ``kind``: ``simple`` is the loss above; ``hybrid``
+adds lambda T L_t (``vlb_weight`` lambda, 0.001), L_t the bound's term of the drawn step in bits/dim
+(:func:`~torchdiffusion.variance.vlb_term`) with the model mean's gradient stopped, so only the variance
+channels learn from it (their L_hybrid = L_simple + lambda L_vlb, eq. 16); ``vlb`` is L_t / p_t alone (mean and
+variance learn from it), t drawn by importance sampling (:class:`~torchdiffusion.variance.ImportanceSampler`), an
+unbiased estimate of sum_t L_t. Both need a discrete schedule and a network with learned variance.
 """
 from __future__ import annotations
 
@@ -36,10 +43,12 @@ import torch.nn.functional as F
 
 from .precond import PREDICTIONS, skip_out_coefficients
 from .schedules import DiscreteSchedule, Schedule, VPSchedule
-from .utils import append_dims, check_choice, rand, randn_like
+from .utils import LOG2, append_dims, check_choice, rand, randn_like
+from .variance import ImportanceSampler, schedule_log_variance, vlb_term
 
 LOSSES = ("l2", "l1", "huber")
 WEIGHTINGS = ("uniform", "min_snr", "vlb")
+KINDS = ("simple", "hybrid", "vlb")  # the loss, the loss + lambda L_vlb, or L_vlb alone (Nichol & Dhariwal 2021)
 MAE_VAR_EPS = 1e-6  # added to a target patch's variance before normalising it (MaskDiT, as MAE's norm_pix_loss)
 
 
@@ -54,6 +63,9 @@ class ObjectiveConfig:
     cond_aug_max_sigma: float = 0.0  # noise the low-res image at a level drawn uniformly in [0, this]
     mask_ratio: float = 0.0         # MaskDiT: drop this fraction of the patch tokens in training (0: off; kind dit)
     mae_weight: float = 0.0         # MaskDiT: weight of the reconstruction loss of the dropped patches (paper: 0.1)
+    kind: str = "simple"            # simple (the loss above), hybrid (+ vlb_weight L_vlb) or vlb (L_vlb, importance
+                                    # sampled t); hybrid and vlb need a discrete schedule and model.*.learn_sigma
+    vlb_weight: float = 0.001       # lambda of Improved DDPM's L_hybrid = L_simple + lambda L_vlb
 
 
 def low_res_condition(x: torch.Tensor, size: int, aug_sigma: torch.Tensor, *, generator=None) -> dict:
@@ -101,6 +113,9 @@ class DiffusionObjective:
         if not 0.0 <= cfg.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cfg.cond_drop_prob}")
         _check_masking(cfg, patch_size)
+        _check_kind(cfg, schedule)
+        self.importance = ImportanceSampler(schedule.T) if cfg.kind == "vlb" else None
+        self.last_terms: dict = {}
         self.patch_size = patch_size  # the network's patch side (MaskDiT's token grid)
         self.schedule = schedule
         self.cfg = cfg
@@ -186,6 +201,10 @@ class DiffusionObjective:
             aug = rand((n,), generator=generator, device=x0.device) * self.cfg.cond_aug_max_sigma
             cond = {**(cond or {}), **low_res_condition(x0, self.cfg.low_res, aug, generator=generator)}
         cond = dict(cond or {})
+        if self.cfg.kind != "simple":
+            simple, term = self.learned_terms(denoiser, x0, x, sigma, cond)
+            vlb = self.schedule.T * term  # uniform t: T L_t estimates L_vlb = sum_t L_t
+            return simple + self.cfg.vlb_weight * vlb if self.cfg.kind == "hybrid" else vlb
         mask = self.token_mask(x0, generator=generator) if masked and self.cfg.mask_ratio > 0 else None
         if mask is not None:
             cond["token_mask"] = mask  # (N, L) bool, True = dropped
@@ -215,11 +234,44 @@ class DiffusionObjective:
         scores = rand((x0.shape[0], n_tok), generator=generator, device=x0.device)  # (N, L)
         return scores.argsort(1).argsort(1) >= keep  # rank >= keep: dropped
 
+    def learned_terms(self, denoiser, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
+                      cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the simple loss (N,), the bound's term L_t of each sample's step in bits/dim (N,)) for a denoiser with
+        learned variance (Nichol & Dhariwal 2021, eq. 15); kind hybrid stops the mean's gradient in L_t."""
+        if not getattr(denoiser, "learns_variance", False):
+            raise ValueError(f"diffusion.objective.kind {self.cfg.kind!r} trains a learned variance: build the "
+                             "network with model.unet.learn_sigma=true (or model.dit.learn_sigma=true)")
+        sch = self.schedule
+        t = sch.sigma_to_t(sigma.double()).round().long().clamp(0, sch.T - 1).cpu()  # (N,) step indices
+        x0_hat, v = denoiser.with_variance(x, sigma, **cond)
+        out_scale = self.out_scale(denoiser, sigma)
+        err = (x0_hat - x0) / append_dims(out_scale, x0.ndim)
+        simple = self.elementwise(err).flatten(1).mean(1) * self.weight(sigma, out_scale)
+        xt = x * append_dims(sch.alpha_bar[t].to(x), x.ndim).sqrt()  # VP coordinates
+        mean_x0 = x0_hat.detach() if self.cfg.kind == "hybrid" else x0_hat  # hybrid: only v learns from L_vlb
+        term = vlb_term(sch, x0, xt, t, mean_x0, schedule_log_variance(sch, t, v))  # t on the CPU, as the tables
+        return simple, term / (x0[0].numel() * LOG2)
+
     def __call__(self, denoiser, x0: torch.Tensor, cond: dict | None = None, *, generator=None) -> torch.Tensor:
         """Training loss: condition dropout (if configured), then the mean of :meth:`per_sample` (masked when
-        mask_ratio > 0)."""
+        mask_ratio > 0); kind vlb draws t by importance sampling, weights L_t by 1 / p_t and records L_t."""
         cond = self.drop_condition(cond, generator=generator)
-        return self.per_sample(denoiser, x0, cond, generator=generator, masked=True).mean()
+        if self.importance is None:
+            return self.per_sample(denoiser, x0, cond, generator=generator, masked=True).mean()
+        t, w = self.importance.sample(x0.shape[0], generator=generator)  # (N,), 1 / (T p_t), on the CPU
+        x, sigma = add_noise(self.schedule, x0, generator=generator, sigma=self.schedule.sigmas[t].to(x0))
+        simple, term = self.learned_terms(denoiser, x0, x, sigma, dict(cond or {}))
+        self.importance.update(t, term)
+        self.last_terms = {"simple": simple.detach().mean(), "vlb_term": term.detach().mean()}
+        return (self.schedule.T * term * w.to(term)).mean()
+
+    def state_dict(self) -> dict:
+        """Kind vlb: the importance sampler's history (what an exact resume needs); else nothing."""
+        return {} if self.importance is None else self.importance.state_dict()
+
+    def load_state_dict(self, state: dict, module=None) -> None:
+        if self.importance is not None and state:
+            self.importance.load_state_dict(state)
 
 
 def _check_masking(cfg: ObjectiveConfig, patch_size: int | None) -> None:
@@ -231,6 +283,21 @@ def _check_masking(cfg: ObjectiveConfig, patch_size: int | None) -> None:
                          "(the objective is told its patch_size)")
     if cfg.mae_weight > 0 and cfg.mask_ratio == 0:
         raise ValueError("mae_weight > 0 reconstructs dropped patches: set mask_ratio > 0 too (MaskDiT: 0.5)")
+
+
+def _check_kind(cfg: ObjectiveConfig, schedule: Schedule) -> None:
+    """The objective's kind; hybrid and vlb need a discrete DDPM schedule, unmasked training and lambda >= 0."""
+    check_choice("diffusion.objective.kind", cfg.kind, KINDS)
+    if cfg.kind == "simple":
+        return
+    if not isinstance(schedule, DiscreteSchedule):
+        raise ValueError(f"diffusion.objective.kind {cfg.kind!r} learns the variance of DDPM's discrete steps: use a "
+                         "discrete schedule (diffusion.schedule linear, cosine or sigmoid)")
+    if cfg.mask_ratio > 0:
+        raise ValueError(f"diffusion.objective.kind {cfg.kind!r} does not combine with masked-patch training: "
+                         "set mask_ratio=0")
+    if not 0 <= cfg.vlb_weight < float("inf"):
+        raise ValueError(f"diffusion.objective.vlb_weight must be a finite number >= 0, got {cfg.vlb_weight}")
 
 
 def _patches(x: torch.Tensor, p: int) -> torch.Tensor:

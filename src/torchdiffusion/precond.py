@@ -25,6 +25,7 @@ from torch import nn
 
 from .schedules import Schedule
 from .utils import append_dims, check_choice
+from .variance import v_from_output
 
 PREDICTIONS = ("eps", "x0", "v", "velocity", "edm")
 
@@ -102,9 +103,14 @@ class Precond(SigmaModule):
         net: nn.Module,                 # raw network F(x_in, t, **cond) -> tensor shaped like x_in
         schedule: Schedule,             # time and input conventions the network was trained under
         prediction: str = "eps",        # what F predicts: eps, x0, v, velocity or edm
+        learned_variance: bool = False,  # F's variance channels (learn_sigma) were trained: use them (Improved DDPM)
     ):
         super().__init__(net, schedule)
         check_choice("prediction", prediction, PREDICTIONS)
+        if learned_variance and not getattr(net, "learn_sigma", False):
+            raise ValueError("learned_variance=True needs a network with variance channels: build it with "
+                             "learn_sigma=True (model.unet.learn_sigma or model.dit.learn_sigma)")
+        self.learned_variance = bool(learned_variance)
         self.prediction = prediction
         self.sigma_data = float(getattr(schedule, "sigma_data", 0.5))
 
@@ -113,12 +119,29 @@ class Precond(SigmaModule):
         return skip_out_coefficients(self.prediction, sigma.to(torch.float32), self.sigma_data)[1].abs()
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        x_in, c_noise = self.net_input(x, sigma)
+        return self._x0(x, sigma, self.net(*self.net_input(x, sigma), **cond))
+
+    def _x0(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         c_skip, c_out = skip_out_coefficients(self.prediction, sigma.to(torch.float32), self.sigma_data)
-        out = self.net(x_in, c_noise, **cond).to(torch.float32)
+        out = out.to(torch.float32)
         if out.shape != x.shape:
             raise ValueError(f"network returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
         return append_dims(c_skip, x.ndim) * x.to(torch.float32) + append_dims(c_out, x.ndim) * out
+
+    @property
+    def learns_variance(self) -> bool:
+        """Whether samplers and the bound use the network's variance channels (learned_variance; a learn_sigma
+        network trained with the simple loss has untrained ones, and keeps the fixed variances)."""
+        return self.learned_variance
+
+    def with_variance(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, v): D(x, sigma) and the interpolation v = (out + 1) / 2 of the variance channels, shaped like x,
+        in Sigma = exp(v log beta + (1 - v) log beta~) (Nichol & Dhariwal 2021, eq. 15; docs/likelihood.md)."""
+        if not self.learns_variance:
+            raise ValueError("this denoiser has no learned variance: wrap a learn_sigma network with "
+                             "learned_variance=True (a run with diffusion.objective.kind hybrid or vlb)")
+        mean, var = self.net(*self.net_input(x, sigma), return_variance=True, **cond)
+        return self._x0(x, sigma, mean), v_from_output(var.to(torch.float32))
 
 
 class SigmaClassifier(SigmaModule):
@@ -160,6 +183,15 @@ class DenoiserTransform(nn.Module):
     def num_classes(self) -> int | None:
         return getattr(self.inner, "num_classes", None)
 
+    @property
+    def learns_variance(self) -> bool:
+        """False unless the transform passes a learned variance through (:meth:`with_variance`)."""
+        return type(self).with_variance is not DenoiserTransform.with_variance and getattr(
+            self.inner, "learns_variance", False)
+
+    def with_variance(self, x, sigma, **cond):
+        raise ValueError(f"{type(self).__name__} does not pass a learned variance through")
+
     def out_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         if not hasattr(self.inner, "out_scale"):
             raise AttributeError(f"{type(self.inner).__name__} declares no out_scale")
@@ -178,6 +210,10 @@ class ClampX0(DenoiserTransform):
     def forward(self, x, sigma, **cond):
         return self.inner(x, sigma, **cond).clamp(self.lo, self.hi)
 
+    def with_variance(self, x, sigma, **cond):
+        x0, v = self.inner.with_variance(x, sigma, **cond)
+        return x0.clamp(self.lo, self.hi), v
+
 
 class Conditioned(DenoiserTransform):
     """Bind conditioning arguments (e.g. class_labels) so samplers see a plain D(x, sigma)."""
@@ -188,6 +224,9 @@ class Conditioned(DenoiserTransform):
 
     def forward(self, x, sigma, **cond):
         return self.inner(x, sigma, **{**self.cond, **cond})
+
+    def with_variance(self, x, sigma, **cond):
+        return self.inner.with_variance(x, sigma, **{**self.cond, **cond})
 
 
 class CountCalls(DenoiserTransform):
@@ -200,3 +239,7 @@ class CountCalls(DenoiserTransform):
     def forward(self, x, sigma, **cond):
         self.calls += 1
         return self.inner(x, sigma, **cond)
+
+    def with_variance(self, x, sigma, **cond):
+        self.calls += 1
+        return self.inner.with_variance(x, sigma, **cond)

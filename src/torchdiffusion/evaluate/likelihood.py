@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from ..schedules import DiscreteSchedule
 from ..utils import LOG2, append_dims, check_choice, rand, randn
+from ..variance import (BIN_HALF_WIDTH, DECODERS, clipped_log_variances,  # noqa: F401 (BIN_HALF_WIDTH and
+                        discretized_gaussian_log_likelihood, normal_kl,     # the decoder re-exported here)
+                        schedule_log_variance, vlb_term)
 
 VARIANCES = ("small", "large")            # beta_tilde_t (DDPM "fixedsmall") or beta_t ("fixedlarge")
-DECODERS = ("discrete", "gaussian")       # 8-bit discretized Gaussian, or a continuous Gaussian density
 PROBES = ("rademacher", "gaussian", "exact")
-BIN_HALF_WIDTH = 1.0 / 255.0              # half the width of one 8-bit level in [-1, 1]
 PIXEL_SCALE = 127.5                       # x = u / 127.5 - 1
 Z95 = 1.959963984540054                   # two-sided 95 % normal quantile
 
@@ -66,22 +67,6 @@ def respaced_schedule(schedule: DiscreteSchedule, T: int | None) -> tuple[Discre
     return DiscreteSchedule(betas, name=f"{schedule.name}-respaced{T}"), idx
 
 
-def normal_kl(mean1, var1, mean2, var2) -> torch.Tensor:
-    """KL(N(mean1, var1) || N(mean2, var2)) elementwise, in nats."""
-    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
-
-
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log P(x) elementwise for x on the 8-bit grid in [-1, 1] under N(mean, std^2) integrated over the bin
-    [x - 1/255, x + 1/255], the edge bins extended to -inf / +inf (DDPM eq. 13). Stable in both tails."""
-    lo = torch.where(x <= -1 + BIN_HALF_WIDTH / 2, torch.full_like(x, -math.inf), (x - BIN_HALF_WIDTH - mean) / std)
-    hi = torch.where(x >= 1 - BIN_HALF_WIDTH / 2, torch.full_like(x, math.inf), (x + BIN_HALF_WIDTH - mean) / std)
-    flip = lo > 0                                     # upper tail: Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)
-    a, b = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
-    log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
-    return log_b + torch.log1p(-torch.exp(log_a - log_b).clamp(max=1 - 1e-15))
-
-
 @torch.no_grad()
 def vlb_terms(denoiser, x0: torch.Tensor, *, T: int | None = None, schedule: DiscreteSchedule | None = None,
               variance: str = "large", decoder: str = "discrete", generator=None, batch_size: int = 1000,
@@ -94,6 +79,9 @@ def vlb_terms(denoiser, x0: torch.Tensor, *, T: int | None = None, schedule: Dis
     beta_tilde_2 at t = 1 as in Improved DDPM). L_0 = -log p(x0 | x_1):
     the discretized Gaussian for 8-bit data, or a Gaussian density ("gaussian", for continuous data). L_T =
     KL(q(x_T | x0) || N(0, I)). The terms t = 1..T are evaluated in batches of up to `batch_size` (sample, t) pairs.
+    A denoiser that learns its variance (``learns_variance``, Improved DDPM) is evaluated with it: Sigma =
+    exp(v log beta_t + (1 - v) log beta_tilde_t) on the (respaced) grid, `variance` then unused (docs/likelihood.md).
+    Each term is :func:`~torchdiffusion.variance.vlb_term`, the one the hybrid and VLB objectives train on.
     """
     check_choice("variance", variance, VARIANCES)
     check_choice("decoder", decoder, DECODERS)
@@ -104,8 +92,8 @@ def vlb_terms(denoiser, x0: torch.Tensor, *, T: int | None = None, schedule: Dis
     x0 = x0.double()
     n, Tn = x0.shape[0], sch.T
     dtype = _model_dtype(denoiser)
-    small_var = torch.cat([sch.posterior_variance[1:2], sch.posterior_variance[1:]])  # (T,)
-    var = small_var if variance == "small" else sch.betas
+    log_large, log_small = clipped_log_variances(sch)
+    log_var = log_small if variance == "small" else log_large                # (T,), unless the model learns it
     terms = torch.zeros(n, Tn + 1, dtype=torch.float64)
     dims = tuple(range(1, x0.ndim))
     # L_T: q(x_T | x0) = N(sqrt(ab_T) x0, 1 - ab_T) against N(0, 1) in VP coordinates
@@ -124,24 +112,13 @@ def vlb_terms(denoiser, x0: torch.Tensor, *, T: int | None = None, schedule: Dis
         xt = sch.q_sample(xb, idx_t, eps)                                     # VP coordinates
         sigma = sch.sigmas[idx_t]                                             # (B,)
         ab = append_dims(sch.alpha_bar[idx_t], xb.ndim)
-        x0_hat = denoiser((xt / ab.sqrt()).to(dtype), sigma.to(dtype)).double()  # VE input x0 + sigma n
-        v = append_dims(var[idx_t], xb.ndim)
-        first = idx_t == 0
-        out = torch.empty(len(idx_t), dtype=torch.float64)
-        if (~first).any():
-            k = ~first
-            mq, vq = sch.posterior(xb[k], xt[k], idx_t[k])
-            mp, _ = sch.posterior(x0_hat[k], xt[k], idx_t[k])
-            out[k] = normal_kl(mq, vq, mp, v[k]).sum(dims)
-        if first.any():
-            k = first                                                         # decoder mean: posterior at t=1 is x0_hat
-            std = v[k].sqrt().expand_as(xb[k])
-            if decoder == "discrete":
-                ll = discretized_gaussian_log_likelihood(xb[k], x0_hat[k], std)
-            else:
-                ll = -0.5 * ((xb[k] - x0_hat[k]) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
-            out[k] = -ll.sum(dims)
-        terms[idx_i, idx_t] = out
+        x_ve, s_in = (xt / ab.sqrt()).to(dtype), sigma.to(dtype)             # VE input x0 + sigma n
+        if getattr(denoiser, "learns_variance", False):                       # eq. 15 on the (respaced) grid
+            x0_hat, v = (o.double() for o in denoiser.with_variance(x_ve, s_in))
+            lv = schedule_log_variance(sch, idx_t, v)
+        else:
+            x0_hat, lv = denoiser(x_ve, s_in).double(), append_dims(log_var[idx_t], xb.ndim)
+        terms[idx_i, idx_t] = vlb_term(sch, xb, xt, idx_t, x0_hat, lv, decoder)
     return terms
 
 

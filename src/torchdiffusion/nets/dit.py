@@ -194,6 +194,7 @@ class DiT(nn.Module):
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.grid = check_patch_grid(self.image_size, patch_size, "model.dit")
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.learn_sigma = learn_sigma
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.conditioning, self.hidden_size = conditioning, dim
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)

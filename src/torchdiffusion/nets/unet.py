@@ -121,6 +121,7 @@ class UNetConfig:
     context_dim: Optional[int] = None         # width of a context sequence to cross-attend to (None: none)
     cross_attn_resolutions: tuple = ()        # feature-map heights whose blocks cross-attend to the context
     dynamic_conv_kernels: int = 0             # K >= 1: block convolutions mix K kernels by the embedding (0: off)
+    learn_sigma: bool = False                 # 2x output channels: Improved DDPM's variance (return_variance=True)
 
     def replace(self, **changes) -> "UNetConfig":
         return replace(self, **changes)
@@ -502,13 +503,15 @@ class UNet(nn.Module):
         context_dim: Optional[int] = None,        # context width for cross-attention (None: none)
         cross_attn_resolutions: Sequence[int] = (),  # feature-map heights with cross-attention
         dynamic_conv_kernels: int = 0,            # K >= 1: dynamic block convolutions with K kernels
+        learn_sigma: bool = False,                # also output the variance channels (Improved DDPM)
     ):
         super().__init__()
         self.config = UNetConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) and k != "image_size" else v
                                     for k, v in locals().items() if k in UNetConfig.__dataclass_fields__})
         self.image_size = _pair(image_size)
         self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)  # mean, then variance
         self.num_classes = num_classes
         sizes = [self.image_size]  # spatial size per level: side n -> ceil(n / 2)
         for _ in channel_mult[1:]:
@@ -631,7 +634,10 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                 low_res: Optional[torch.Tensor] = None, low_res_sigma=None, context: Optional[torch.Tensor] = None,
-                context_mask: Optional[torch.Tensor] = None, guidance_scale=None, interval=None) -> torch.Tensor:
+                context_mask: Optional[torch.Tensor] = None, guidance_scale=None, interval=None,
+                return_variance: bool = False):
+        """(N, C_out, H, W); with learn_sigma the first half of the channels (the mean), or with
+        return_variance=True (mean, variance channels) (Nichol & Dhariwal 2021)."""
         self._check_input(x)
         emb = self.time_embed(as_time_vector(t, x.shape[0], x.device))  # (N, E)
         emb = add_class_embedding(emb, self.class_embed, class_labels, self.num_classes)  # (N, E)
@@ -655,7 +661,11 @@ class UNet(nn.Module):
             if is_block:
                 h = torch.cat([h, skips.pop()], dim=1)  # (N, C_h + C_skip, H', W')
             h = block(h, emb, ctx)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (N, out_channels, H, W)
+        out = self.conv_out(F.silu(self.norm_out(h)))  # (N, out_channels, H, W)
+        if not self.learn_sigma:
+            return out
+        mean, var = out.chunk(2, dim=1)  # (N, C_out / 2, H, W) each
+        return (mean, var) if return_variance else mean
 
 
 def _check_unet_config(c: UNetConfig, heights: list) -> None:

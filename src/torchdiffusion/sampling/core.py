@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import check_choice, randn_like
+from ..variance import step_variance
 
 VARIANCES = ("small", "large")
 
@@ -38,18 +39,20 @@ def posterior_variance(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.T
     return sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
 
 
-def ddpm_step(x, denoised, sigma, sigma_next, noise, variance="small"):
+def ddpm_step(x, denoised, sigma, sigma_next, noise, variance="small", v=None):
     """One ancestral DDPM step (Ho et al. 2020, Algorithm 2) from level sigma to sigma_next.
 
-    variance 'small' is the posterior variance beta-tilde, 'large' is beta (both in VE coordinates).
+    variance 'small' is the posterior variance beta-tilde, 'large' is beta (both in VE coordinates); a learned
+    interpolation `v` (shaped like x) replaces them by exp(v log beta + (1 - v) log beta-tilde) of the two levels
+    (Nichol & Dhariwal 2021, eq. 15 and Sec. 4; :func:`~torchdiffusion.variance.step_variance`).
     """
     mean = denoised + (sigma_next**2 / sigma**2) * (x - denoised)
     if sigma_next == 0:
         return mean
-    if variance == "small":
+    if v is None and variance == "small":
         var = posterior_variance(sigma, sigma_next)
-    else:  # beta_ts / alpha_bar_s with alpha_bar = 1 / (1 + sigma^2)
-        var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)
+    else:  # beta_ts / alpha_bar_s with alpha_bar = 1 / (1 + sigma^2), or the learned interpolation
+        var = step_variance(sigma, sigma_next, v, variance)
     return mean + var**0.5 * noise
 
 
@@ -77,15 +80,21 @@ def _report(callback, i, x, sigma, sigma_next, denoised):
 
 @torch.no_grad()
 def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None, variance="small"):
-    """Ancestral sampling (Ho et al. 2020, Algorithm 2); with all T levels this is DDPM exactly."""
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2); with all T levels this is DDPM exactly. A denoiser that
+    learns its variance (``learns_variance``) steps with it at any grid, `variance` then unused (Nichol & Dhariwal
+    2021, Sec. 4)."""
     check_choice("variance", variance, VARIANCES)
+    learned = getattr(denoiser, "learns_variance", False)
     sig = levels(sigmas)
     for i in range(len(sig) - 1):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = denoiser(x, expand_sigma(sigma, x))
+        if learned:
+            denoised, v = denoiser.with_variance(x, expand_sigma(sigma, x))
+        else:
+            denoised, v = denoiser(x, expand_sigma(sigma, x)), None
         _report(callback, i, x, sigma, sigma_next, denoised)
         noise = randn_like(x, generator=generator) if sigma_next > 0 else None
-        x = ddpm_step(x, denoised, sigma, sigma_next, noise, variance)
+        x = ddpm_step(x, denoised, sigma, sigma_next, noise, variance, v)
     return x
 
 
