@@ -298,7 +298,8 @@ def impute(denoiser, window: torch.Tensor, mask: torch.Tensor, sigmas: torch.Ten
            seed: int = 0, sampler: str = DEFAULT_STEP_SAMPLER, batch_size: int = 256, **opts) -> torch.Tensor:
     """`samples` draws of the unknown steps (mask = 0) of each window (N, C, L) given its known steps, by
     :func:`inpaint` (the known steps of every draw equal `window` exactly): (samples, N, C, L). Draw s of window
-    n uses its own generator seeded (seed, s N + n), so it does not depend on `samples` or `batch_size`."""
+    n uses its own generator seeded (seed, s N + n), so it does not depend on `samples` or `batch_size`. Any batch
+    (N, ...) works alike, e.g. vectors (x, y) of a joint model (docs/conditioning.md)."""
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be at least 1, got {samples}, {batch_size}")
     n = window.shape[0]

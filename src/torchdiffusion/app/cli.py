@@ -51,7 +51,8 @@ BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"  # the benchmarks of a
 BENCHMARKS = {"samplers": "samplers.py", "train-speed": "train_speed.py", "guidance": "guidance.py",
               "structure": "structure.py", "floor": "floor.py", "backbones": "backbones.py", "latent": "latent.py",
               "fewstep": "fewstep.py", "faults": "faults.py", "interop": "interop.py", "norm-act": "norm_act.py",
-              "timeseries": "timeseries.py", "text": "text.py"}
+              "timeseries": "timeseries.py", "text": "text.py", "adaptive": "adaptive.py",
+              "conditioning": "conditioning.py"}
 EDIT_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "sampler_options", "seed", "use_ema", "clip_x0", "class_label")
 EVAL_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "final", "sampler_options", "seed", "batch_size", "use_ema",
                       "clip_x0", "class_label", "guidance", "guidance_scale", "classifier")

@@ -6,6 +6,7 @@ turns a denoiser and a :class:`SampleConfig` into samples.
 """
 from __future__ import annotations
 
+from .adaptive import allocate_steps, probe_difficulty, sample_adaptive_prefix, sample_adaptive_steps
 from .consistency import sample_consistency, sample_meanflow
 from .core import (ddim_step, ddpm_step, euler_step, expand_sigma, levels, posterior_variance, sample_ddim,
                    sample_ddpm, sample_euler, to_d)
@@ -33,5 +34,6 @@ __all__ = [
     "sample_dpmpp_2m_sde", "sample_unipc", "sample_euler_maruyama", "sample_pc", "heun_step", "ancestral_step",
     "final_step", "dpm_solver_1_step", "dpm_solver_2_step", "dpm_solver_3_step", "dpmpp_1_step", "dpmpp_2m_step",
     "dpmpp_3m_step", "dynamic_threshold", "unipc_update", "euler_maruyama_step", "langevin_step",
-    "sample_consistency", "sample_meanflow",
+    "sample_consistency", "sample_meanflow", "sample_adaptive_steps", "allocate_steps", "probe_difficulty",
+    "sample_adaptive_prefix",
 ]
