@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from torchdiffusion.app.cli import load_bench
 from torchdiffusion.build import load_denoiser
 from torchdiffusion.config import load_config
 from torchdiffusion.evaluate import evaluate_samples
@@ -68,16 +68,8 @@ QUICK = dict(minutes=0.1, samples=64, floor_draws=2, bootstrap=10, timed_steps=2
 BUDGET_FILL = 0.95  # fraction of the budget the step count aims at (the cosine nearly completes)
 
 
-def _sibling(name: str):
-    """bench/<name>.py as a module (the benchmarks are scripts outside the package)."""
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _sibling("train_speed")
+BENCH = Path(__file__).parent  # this folder: the benchmarks used here
+speed = load_bench("train_speed", BENCH)
 
 
 def _attention_as_matmuls(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):

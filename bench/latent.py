@@ -23,7 +23,6 @@ set needs its feature network in the cache (``torchdiffusion train-feature-net -
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from torchdiffusion.app.cli import load_bench
 from torchdiffusion.build import codec_for, load_codec, load_denoiser
 from torchdiffusion.checkpoint import read_meta
 from torchdiffusion.config import load_config
@@ -62,16 +62,9 @@ QUICK = dict(ae_minutes=0.05, vae_minutes=0.05, pixel_minutes=[0.05], latent_min
              recon_n=200, floor_draws=2, bootstrap=10)
 
 
-def _sibling(name: str):
-    """bench/<name>.py as a module (the benchmarks are scripts outside the package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _sibling("train_speed")
-machine = _sibling("backbones").machine
+BENCH = Path(__file__).parent  # this folder: the benchmarks used here
+speed = load_bench("train_speed", BENCH)
+machine = load_bench("backbones", BENCH).machine
 
 
 def timed_config(preset: str, overrides: list, minutes: float, *, quick: bool = False):

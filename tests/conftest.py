@@ -1,10 +1,11 @@
 """Shared fixtures."""
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from torchdiffusion.app import cli
 
 
 THREADS_ENV = "TORCHDIFFUSION_TEST_THREADS"  # torch intra-op threads of the test session (default 1)
@@ -89,11 +90,8 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
 def load_bench(name: str):
-    """The benchmark script bench/<name>.py as a module (benchmarks live outside the package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark script bench/<name>.py of this checkout as a module (benchmarks live outside the package)."""
+    return cli.load_bench(name, BENCH_DIR)
 
 
 @pytest.fixture(scope="session")

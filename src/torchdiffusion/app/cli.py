@@ -419,10 +419,16 @@ def cmd_bench(args) -> int:
         raise FileNotFoundError(f"the benchmarks live in the source checkout's bench/ folder, not in the installed "
                                 f"package; run `python bench/{BENCHMARKS[args.which]}` from a clone")
     print(f"torchdiffusion bench: running python {script}", file=sys.stderr)
-    spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
+    return load_bench(script.stem).main(args.rest) or 0
+
+
+def load_bench(name: str, folder: str | Path = BENCH_DIR):
+    """The benchmark script `folder`/<name>.py as a module (the benchmarks are scripts outside the package; a
+    benchmark that uses another passes its own folder)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(folder) / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(args.rest) or 0
+    return module
 
 
 def _add_run_commands(sub) -> None:
