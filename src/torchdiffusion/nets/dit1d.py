@@ -14,6 +14,7 @@ from torch import nn
 
 from .dit import DIT_SIZES, DiTBlock, FinalLayer, resolve_size
 from .embeddings import TimeEmbedding, sincos_1d
+from .unet1d import check_series_input
 
 
 @dataclass
@@ -86,10 +87,7 @@ class DiT1D(nn.Module):
         return cls(**asdict(cfg))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.ndim != 3 or x.shape[1:] != (self.in_channels, self.length):
-            raise ValueError(f"DiT1D expects (N, {self.in_channels}, {self.length}), got {tuple(x.shape)}")
-        if class_labels is not None:
-            raise ValueError("class_labels given but the 1-D transformer is unconditional")
+        check_series_input(x, class_labels, self.in_channels, self.length, "DiT1D", "the 1-D transformer")
         n, c, p = x.shape[0], self.in_channels, self.patch_len
         tokens = x.reshape(n, c, -1, p).permute(0, 2, 1, 3).flatten(2)  # (N, L/p, C p)
         h = self.patch_embed(tokens) + self.pos_embed  # (N, L/p, D)

@@ -19,6 +19,15 @@ from .transformer import Attention
 from .unet import _norm, _zero
 
 
+def check_series_input(x: torch.Tensor, class_labels, in_channels: int, length: int, name: str, what: str) -> None:
+    """The 1-D networks' input check: windows (N, in_channels, length) and no class labels (they are
+    unconditional)."""
+    if x.ndim != 3 or x.shape[1:] != (in_channels, length):
+        raise ValueError(f"{name} expects (N, {in_channels}, {length}), got {tuple(x.shape)}")
+    if class_labels is not None:
+        raise ValueError(f"class_labels given but {what} is unconditional")
+
+
 @dataclass
 class UNet1DConfig:
     """All hyperparameters of :class:`UNet1D`."""
@@ -144,10 +153,7 @@ class UNet1D(nn.Module):
         return cls(**asdict(cfg))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.ndim != 3 or x.shape[1:] != (self.in_channels, self.length):
-            raise ValueError(f"UNet1D expects (N, {self.in_channels}, {self.length}), got {tuple(x.shape)}")
-        if class_labels is not None:
-            raise ValueError("class_labels given but the 1-D U-Net is unconditional")
+        check_series_input(x, class_labels, self.in_channels, self.length, "UNet1D", "the 1-D U-Net")
         emb = F.silu(self.time_embed(t.to(torch.float32).expand(x.shape[0])))  # (N, emb_dim)
         h = self.conv_in(x)  # (N, channels, L)
         hs = [h]
