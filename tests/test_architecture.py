@@ -25,10 +25,12 @@ NEVER = {
     "checkpoint": {"core", "edit", "sampling", "nets", "data", "training", "evaluate", "app", "build", "config", "viz"},
     "viz": {"core", "edit", "sampling", "nets", "data", "training", "evaluate", "app", "build", "config",
             "checkpoint"},
+    "text_encoder": {"core", "edit", "sampling", "nets", "training", "evaluate", "app", "build", "config",
+                     "checkpoint", "viz", "interop", "latent", "fewstep", "discrete"},
     "training": {"evaluate", "app", "viz", "sampling"},
     "evaluate": {"training", "app", "viz"},
 }
-CORE = {"schedules", "precond", "objectives", "guidance", "variance"}  # utils is shared by every part
+CORE = {"schedules", "precond", "objectives", "guidance", "variance", "vdm"}  # utils is shared by every part
 
 
 def part_of(module: str) -> str | None:

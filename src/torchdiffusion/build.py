@@ -11,6 +11,7 @@ A run's ``task`` says what it trains; each task pairs a wrapper of the raw netwo
     text              TextModule: (x_t, t) -> logits            DiscreteObjective (mdlm,   text_transformer
                                                                 d3pm), NextTokenObjective (ar)
     series            Precond on windows (N, C, L)              DiffusionObjective         unet1d, dit1d
+    joint             PlaneMean(Precond) on packed (x, y) pairs DiffusionObjective         unet
 """
 from __future__ import annotations
 
@@ -29,18 +30,22 @@ from .config import (TEXT_NET, TEXT_OBJECTIVES, ConfigError, RunConfig, from_dic
 from .discrete import DiscreteObjective, NextTokenObjective, bits_per_character
 from .interop.diffusers import is_diffusers_folder, load_diffusers
 from .data import make_dataset, make_series_dataset, make_text_dataset, tokenizer_from_dict
+from .data.joint import JointImageLabel
 from .fewstep import CouplingDataset, make_coupling
 from .fewstep.methods import (METHODS, NEW_INPUTS, coupling_sigmas, default_spacing, make_objective, round_steps,
                               rounds_of, sample_defaults, served, student_denoiser, usable_spacing)
+from .edit import PlaneMean
 from .latent.codec import SCALE_EXAMPLES, LatentCodec, LatentDataset, cache_key, latent_scale
 from .latent.objective import AutoencoderModule, AutoencoderObjective
 from .latent.perceptual import perceptual_distance
 from .nets import NETS, TextTransformerConfig
-from .objectives import ClassifierObjective, DiffusionObjective
+from .objectives import LEARNED_VARIANCE_KINDS, ClassifierObjective, DiffusionObjective
 from .precond import DenoiserTransform, Precond, SigmaClassifier
 from .sampling import get_sampler
 from .schedules import DISCRETE_SCHEDULES, Schedule, get_schedule
+from .text_encoder import captioned_dataset
 from .utils import cached_file_sha256, check_choice, file_sha256, hash_seed
+from .vdm import LearnedSchedule, attach_learned_gamma
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,7 @@ class Task:
 
 TASKS = {
     "denoiser": Task(
-        wrap=lambda net, schedule, cfg: Precond(net, schedule, cfg.diffusion.prediction,
-                                                learned_variance=cfg.diffusion.objective.kind != "simple"),
+        wrap=lambda net, schedule, cfg: denoiser_module(net, schedule, cfg),
         objective=lambda schedule, cfg: DiffusionObjective(schedule, cfg.diffusion.objective,
                                                            prediction=cfg.diffusion.prediction,
                                                            num_classes=num_classes(cfg),
@@ -103,6 +107,23 @@ TASKS = {
 }
 TASKS["series"] = dataclasses.replace(  # a denoiser of series windows (docs/timeseries.md)
     TASKS["denoiser"], kinds=("unet1d", "dit1d"), configure=lambda cfg, data: series_config(cfg, data))
+TASKS["joint"] = dataclasses.replace(  # one denoiser of packed (image, label) pairs (docs/conditioning.md)
+    TASKS["denoiser"], kinds=("unet",),
+    wrap=lambda net, schedule, cfg: PlaneMean(denoiser_module(net, schedule, cfg), joint_image_channels(cfg)))
+
+
+def joint_image_channels(cfg: RunConfig) -> int:
+    """The image channels of a joint run: the network's inputs less the joint.classes label planes."""
+    return net_config(cfg).in_channels - cfg.joint.classes
+
+
+def denoiser_module(net: nn.Module, schedule: Schedule, cfg: RunConfig) -> Precond:
+    """The denoiser of a run: Precond, with the learned variance of kinds hybrid and vlb; kind vdm keeps its learned
+    noise schedule in the network (submodule vdm_gamma, trained and saved as weights) and samples by it."""
+    obj = cfg.diffusion.objective
+    if obj.kind == "vdm":
+        schedule = LearnedSchedule(attach_learned_gamma(net, obj.vdm), schedule)
+    return Precond(net, schedule, cfg.diffusion.prediction, learned_variance=obj.kind in LEARNED_VARIANCE_KINDS)
 
 
 def series_config(cfg: RunConfig, data) -> RunConfig:
@@ -257,7 +278,8 @@ def load_diffusers_run(path, device="cpu"):
 def build_dataset(cfg: RunConfig, split: str = "train", *, progress: bool = True):
     """The run's data: cfg.data.dataset (see data.make_dataset), or its latents under cfg.data.autoencoder (encoded
     once and cached, a fresh posterior draw per example and batch); for a reflow or one-step student, the noise-sample
-    pairs of its teacher (:func:`coupling_dataset`)."""
+    pairs of its teacher (:func:`coupling_dataset`); with captions.enabled, the images with their encoded captions
+    (text_encoder.CaptionedDataset)."""
     if cfg.task == "distill" and METHODS[cfg.distill.method].coupled and split == "train":
         return coupling_dataset(cfg)
     d = cfg.data
@@ -266,6 +288,11 @@ def build_dataset(cfg: RunConfig, split: str = "train", *, progress: bool = True
     if cfg.task == "series":
         return make_series_dataset(d.dataset, split, cfg.series)
     images = make_dataset(d.dataset, split=split, image_size=d.image_size, subset=d.subset)
+    if cfg.captions.enabled:  # each example's caption as the context; training drops it like a class label
+        drop = cfg.diffusion.objective.cond_drop_prob if split == "train" else 0.0
+        return captioned_dataset(images, d.dataset, cfg.captions, drop_prob=drop)
+    if cfg.task == "joint":
+        return JointImageLabel(images, cfg.joint)
     if not d.autoencoder:
         return images
     codec = load_codec(d.autoencoder)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .data.joint import JointConfig, check_joint_config
 from .data.timeseries import SeriesConfig, check_series_config
 from .discrete import DiscreteObjectiveConfig
 from .nets import (AutoencoderConfig, ClassifierConfig, DiT1DConfig, DiTConfig, MLPConfig, NETS, TextTransformerConfig,
@@ -26,7 +27,9 @@ from .precond import PREDICTIONS
 from .sampling import SAMPLERS, SPACINGS, SampleConfig, check_sampler_options
 from .sampling.generate import nonfinite_field
 from .schedules import DISCRETE_SCHEDULES, SCHEDULES, check_schedule_options
+from .text_encoder.conditioning import CaptionConfig, check_caption_config
 from .utils import check_choice
+from .vdm import check_vdm_config
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -79,6 +82,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.05      # final learning rate as a fraction of lr
     lr_schedule_over: str = "steps"  # steps (warm-up and decay over train.steps) or time (over train.max_minutes of
                                     # training time: the final lr at the budget whatever the step rate)
+    clock: str = "wall"             # what train_seconds counts with lr_schedule_over=time: wall (elapsed seconds) or
+                                    # cpu (this process's CPU seconds: a budget in CPU-minutes, which other jobs on
+                                    # the machine do not eat into; all threads count)
     grad_clip: float = 1.0          # max global gradient norm (0: off)
     ema_decay: float = 0.999        # EMA of the weights; effective decay min(this, (1+k)/(10+k))
     precision: str = "fp32"         # fp32, bf16 (autocast, fp32 master weights) or auto (the faster here, measured)
@@ -98,7 +104,7 @@ class TrainConfig:
     dist_timeout_s: float = 600.0   # data-parallel: seconds a process waits for the others before it fails
 
 
-TASKS = ("denoiser", "noisy_classifier", "autoencoder", "distill", "text", "series")  # what a run trains; see build
+TASKS = ("denoiser", "noisy_classifier", "autoencoder", "distill", "text", "series", "joint")  # what a run trains; see build
 
 
 @dataclass
@@ -137,6 +143,10 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)  # task text: the objective, its evaluation and sampling
     series: SeriesConfig = field(default_factory=SeriesConfig)  # task series: windows, horizon, split (data.dataset
                                                                 # names the series; docs/timeseries.md)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)  # task denoiser: condition on captions through a
+                                                                    # frozen sentence encoder (docs/conditioning.md)
+    joint: JointConfig = field(default_factory=JointConfig)  # task joint: one diffusion over (image, label)
+                                                             # (docs/conditioning.md)
 
     @property
     def run_dir(self) -> Path:
@@ -294,6 +304,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             check_distill(cfg.distill)
         if cfg.task == "text":
             check_text(cfg)
+        if cfg.captions.enabled:
+            check_captions(cfg)
+        if cfg.task == "joint":
+            check_joint(cfg)
         if cfg.task == "series":
             check_series_config(cfg.series)
             if cfg.train.sample_every or cfg.train.eval_every:
@@ -303,6 +317,29 @@ def validate(cfg: RunConfig) -> RunConfig:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
+
+
+def check_captions(cfg: RunConfig) -> None:
+    """A captioned run is a denoiser of MNIST / Fashion-MNIST pixels whose network cross-attends to the encoder."""
+    if cfg.task != "denoiser":
+        raise ValueError(f"captions.enabled conditions a denoiser (task denoiser), not task {cfg.task!r}")
+    if cfg.train.sample_every or cfg.train.eval_every:
+        raise ValueError("a captioned run draws no sample grids or evaluations while it trains (they need prompts): "
+                         "set train.sample_every=0 and train.eval_every=0, and sample with --prompt afterwards")
+    net = getattr(cfg.model, cfg.model.kind, None)
+    check_caption_config(cfg.captions, getattr(net, "context_dim", None), cfg.data.dataset, cfg.data.autoencoder)
+
+
+def check_joint(cfg: RunConfig) -> None:
+    """A joint run is an unconditional U-Net over the packed pair (image channels + joint.classes planes)."""
+    net = getattr(cfg.model, cfg.model.kind, None)
+    if cfg.model.kind != "unet" or net.num_classes is not None or cfg.captions.enabled or cfg.data.autoencoder:
+        raise ValueError("task joint learns p(image, label) with an unconditional U-Net on pixels: model.kind=unet, "
+                         "model.unet.num_classes=null, captions.enabled=false, data.autoencoder=''")
+    if cfg.train.sample_every or cfg.train.eval_every:
+        raise ValueError("a joint run draws no sample grids or evaluations while it trains (its samples are pairs): "
+                         "set train.sample_every=0 and train.eval_every=0; bench/joint.py measures the model")
+    check_joint_config(cfg.joint, net.in_channels)
 
 
 # fields with a lowest allowed value: dotted name -> (lowest value, what the field means)
@@ -336,9 +373,17 @@ def check_sample_values(spec, prefix: str = "sample.") -> None:
 
 def check_objective_kind(cfg: RunConfig) -> None:
     """diffusion.objective.kind hybrid or vlb (learned variances, docs/likelihood.md) needs a discrete schedule and
-    a network built with learn_sigma."""
+    a network built with learn_sigma; kind vdm a continuous schedule and no variance channels."""
     kind = check_choice("diffusion.objective.kind", cfg.diffusion.objective.kind, OBJECTIVE_KINDS)
     if kind == "simple" or cfg.task not in ("denoiser", "series"):
+        return
+    if kind == "vdm":  # VDM (docs/likelihood.md): its own schedule; the configured one is the network's view of sigma
+        net = getattr(cfg.model, cfg.model.kind, None)
+        if cfg.diffusion.schedule in DISCRETE_SCHEDULES or getattr(net, "learn_sigma", False):
+            raise ValueError("diffusion.objective.kind=vdm learns its noise schedule: set diffusion.schedule to a "
+                             "continuous one (vp, edm or rf; it fixes how the network sees x and sigma) and leave "
+                             "learn_sigma off (VDM has no variance channels)")
+        check_vdm_config(cfg.diffusion.objective.vdm)
         return
     if cfg.diffusion.schedule not in DISCRETE_SCHEDULES:
         raise ValueError(f"diffusion.objective.kind={kind} learns the variance of DDPM's discrete steps: set "
@@ -373,6 +418,7 @@ def check_values(cfg: RunConfig) -> None:
 
 
 LR_SCHEDULE_OVER = ("steps", "time")  # what train.lr_schedule_over may be
+TRAIN_CLOCKS = ("wall", "cpu")        # what train.clock may be
 
 
 def check_lr_schedule_over(t: TrainConfig) -> None:
@@ -382,6 +428,11 @@ def check_lr_schedule_over(t: TrainConfig) -> None:
         raise ConfigError(f"train.lr_schedule_over='time' runs the learning-rate schedule over the time budget, but "
                           f"train.max_minutes is {t.max_minutes:g} (no budget): set train.max_minutes to the minutes "
                           "of training (e.g. train.max_minutes=10), or train.lr_schedule_over=steps")
+    check_choice("train.clock", t.clock, TRAIN_CLOCKS)
+    if t.clock == "cpu" and t.lr_schedule_over != "time":
+        raise ConfigError("train.clock='cpu' counts the time budget in CPU seconds of training steps, which only the "
+                          "time-based schedule reads: set train.lr_schedule_over=time (with train.max_minutes), or "
+                          "train.clock=wall")
 
 
 # task text: objective -> (the discrete process, and the network settings that follow from it; None: free)

@@ -21,6 +21,8 @@ a sigma grid and works in VE coordinates (x = x0 + sigma n):
   conditioned on its samples, noise-augmented at level `aug_sigma`.
 * series (N, C, L): forecasting and gap filling are inpainting of the unknown steps (`series_mask`, `impute`:
   several draws per window, each with its own generator; docs/timeseries.md).
+* packed (image, label) pairs (data.joint.pack_pair): `PlaneMean` projects the denoised label planes onto their
+  plane means, where the exact denoiser of such data lies (docs/conditioning.md).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Callable
 import torch
 
 from .objectives import low_res_condition
+from .precond import DenoiserTransform
 from .sampling import SampleConfig, generate, get_sampler, plan_sampling
 from .sampling.core import expand_sigma, levels, to_d
 from .utils import check_choice, hash_seed, randn, randn_like, sample_generators, slerp
@@ -102,6 +105,28 @@ def inpaint_projection(image: torch.Tensor, mask: torch.Tensor) -> Projection:
         return torch.where(keep, known.to(x.dtype), x)
 
     return project
+
+
+class PlaneMean(DenoiserTransform):
+    """D'(z, sigma) = P D(z, sigma): the channels from `channels` on are replaced by their plane means.
+
+    P is the orthogonal projection onto constant planes. For data that lie there (a packed (image, label) pair,
+    data.joint.pack_pair) the exact denoiser E[z0 | z] lies there too, so P leaves it unchanged and can only lower
+    the error of a learned one; the trainer trains P D (docs/conditioning.md)."""
+
+    def __init__(self, inner, channels: int):
+        super().__init__(inner)
+        self.channels = int(channels)  # the image channels; those after them are constant planes
+
+    @property
+    def net(self):
+        """The wrapped denoiser's network (what checkpoints hold)."""
+        return self.inner.net
+
+    def forward(self, x, sigma, **cond):
+        out = self.inner(x, sigma, **cond)  # (N, C + K, H, W)
+        planes = out[:, self.channels:].mean((-2, -1), keepdim=True).expand_as(out[:, self.channels:])
+        return torch.cat([out[:, :self.channels], planes], 1)
 
 
 # ------------------------------------------------------------------------------------ constrained sampling

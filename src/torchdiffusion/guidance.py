@@ -1,11 +1,13 @@
 """Guidance: classifier-free guidance and classifier guidance, and the rule for which classes to ask for.
 
-Both guidances are denoiser -> denoiser transforms (:class:`~torchdiffusion.precond.DenoiserTransform`) taking
-``class_labels`` (N,), so every sampler works with them unchanged. In VE coordinates x = x0 + sigma n, the score is
+All guidances are denoiser -> denoiser transforms (:class:`~torchdiffusion.precond.DenoiserTransform`) taking
+``class_labels`` (N,) (or, for text conditioning, a ``context`` with its ``context_mask``), so every sampler works
+with them unchanged. In VE coordinates x = x0 + sigma n, the score is
 grad log p(x) = (D(x, sigma) - x) / sigma^2 and eps = (x - D) / sigma, both affine in D. Hence
 
 * classifier-free guidance (Ho & Salimans 2021, eq. 6) on eps is the same rule on D:
-  eps_s = eps_u + s (eps_c - eps_u)  <=>  D_s = D_u + s (D_c - D_u), with D_u the null-class denoiser;
+  eps_s = eps_u + s (eps_c - eps_u)  <=>  D_s = D_u + s (D_c - D_u), with D_u the null-class denoiser (the empty,
+  all-masked context for a text-conditioned one: :class:`ContextFreeGuidance`);
 * classifier guidance (Dhariwal & Nichol 2021, Alg. 1, in VE form) adds s grad_x log p(y | x, sigma) to the score:
   D_s = D + s sigma^2 grad_x log p_phi(y | x, sigma).
 
@@ -70,23 +72,38 @@ class ClassifierFreeGuidance(DenoiserTransform):
                 raise ValueError("classifier-free guidance needs a class-conditional denoiser: pass num_classes "
                                  "or null_label")
             null_label = num_classes  # the null row of the class embedding
+        self.null_label = int(null_label)
+        self._set_rule(scale, interval, rescale, rescale_space)
+
+    def _set_rule(self, scale, interval, rescale, rescale_space) -> None:
+        """Check and keep the scale, interval and rescale of the guidance rule."""
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"rescale must be in [0, 1], got {rescale}")
         check_choice("rescale_space", rescale_space, RESCALE_SPACES)
-        self.scale, self.null_label = float(scale), int(null_label)
+        self.scale = float(scale)
         self.interval, self.rescale, self.rescale_space = _check_interval(interval), float(rescale), rescale_space
 
+    def _has_condition(self, cond: dict) -> bool:
+        """Whether there is a condition to guide towards (else the unconditional denoiser is returned)."""
+        return cond.get("class_labels") is not None
+
+    def _paired(self, cond: dict, n: int, idx: torch.Tensor) -> dict:
+        """The condition of the batched call: the n conditional rows, then rows `idx` with the null class."""
+        y = cond["class_labels"]
+        rest = {k: v for k, v in cond.items() if k != "class_labels"}
+        return {**_repeat_cond(rest, n, idx), "class_labels": torch.cat([y, torch.full_like(y[idx], self.null_label)])}
+
     def forward(self, x, sigma, class_labels=None, **cond):
-        if class_labels is None:  # nothing to guide towards: the unconditional denoiser
+        cond = {**cond, **({"class_labels": class_labels} if class_labels is not None else {})}
+        if not self._has_condition(cond):  # nothing to guide towards: the unconditional denoiser
             return self.inner(x, sigma, **cond)
         n = x.shape[0]
         active = _in_interval(sigma, self.interval) & torch.as_tensor(self.scale != 1.0)  # (N,)
         idx = active.nonzero().squeeze(1)  # (M,) samples that need the unconditional half
         if idx.numel() == 0:
-            return self.inner(x, sigma, class_labels=class_labels, **cond)
-        null = torch.full_like(class_labels[idx], self.null_label)
+            return self.inner(x, sigma, **cond)
         both = self.inner(torch.cat([x, x[idx]]), torch.cat([sigma, sigma[idx]]),  # (N + M, ...)
-                          class_labels=torch.cat([class_labels, null]), **_repeat_cond(cond, n, idx))
+                          **self._paired(cond, n, idx))
         d_c, d_u = both[:n], both[n:]
         xa, sa, dca = x[idx], sigma[idx], d_c[idx]
         guided = d_u + self.scale * (dca - d_u)  # (M, ...)
@@ -104,6 +121,31 @@ class ClassifierFreeGuidance(DenoiserTransform):
         p_r = p_cfg * append_dims(std_c / std_cfg, x.ndim)
         p = self.rescale * p_r + (1 - self.rescale) * p_cfg
         return torch.where(append_dims(keep, x.ndim), x0_from(sp, p, x, sigma.clamp_min(1e-12)), guided)
+
+
+class ContextFreeGuidance(ClassifierFreeGuidance):
+    """Classifier-free guidance against the empty context (text conditioning): D_s = D(x, null) + s (D(x, c) -
+    D(x, null)) (Ho & Salimans 2021, eq. 6, on D), the null condition being the same `context` (N, L, C) with every
+    entry of `context_mask` (N, L) False, which a network with a learned null entry reads as unconditional
+    (nets.transformer.NullContext). No context: the unconditional denoiser. `interval` and `rescale` as in
+    :class:`ClassifierFreeGuidance`; class labels, if any, are kept in both halves."""
+
+    def __init__(self, inner, scale: float, *, interval: tuple[float, float] | None = None, rescale: float = 0.0,
+                 rescale_space: str = "v"):
+        DenoiserTransform.__init__(self, inner)
+        self._set_rule(scale, interval, rescale, rescale_space)
+
+    def _has_condition(self, cond: dict) -> bool:
+        return cond.get("context") is not None
+
+    def _paired(self, cond: dict, n: int, idx: torch.Tensor) -> dict:
+        """The n rows with their context, then rows `idx` with the same context fully masked."""
+        ctx, mask = cond["context"], cond.get("context_mask")
+        if mask is None:
+            mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)  # (N, L)
+        rest = {k: v for k, v in cond.items() if k not in ("context", "context_mask")}
+        return {**_repeat_cond(rest, n, idx), "context": torch.cat([ctx, ctx[idx]]),
+                "context_mask": torch.cat([mask, torch.zeros_like(mask[idx])])}
 
 
 class ClassifierGuidance(DenoiserTransform):

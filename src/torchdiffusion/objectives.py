@@ -33,10 +33,14 @@ adds lambda T L_t (``vlb_weight`` lambda, 0.001), L_t the bound's term of the dr
 channels learn from it (their L_hybrid = L_simple + lambda L_vlb, eq. 16); ``vlb`` is L_t / p_t alone (mean and
 variance learn from it), t drawn by importance sampling (:class:`~torchdiffusion.variance.ImportanceSampler`), an
 unbiased estimate of sum_t L_t. Both need a discrete schedule and a network with learned variance.
+
+``vdm`` (Kingma et al. 2021; :mod:`~torchdiffusion.vdm`): the ELBO in bits/dim with a learned noise schedule, the
+module's own (``denoiser.schedule``), continuous time or T steps (``vdm.T``); the configured schedule only sets how
+the network sees x and sigma and must be continuous.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +49,12 @@ from .precond import PREDICTIONS, skip_out_coefficients
 from .schedules import DiscreteSchedule, Schedule, VPSchedule
 from .utils import LOG2, append_dims, check_choice, rand, randn_like
 from .variance import ImportanceSampler, schedule_log_variance, vlb_term
+from .vdm import VDMConfig, VDMLoss, check_vdm_config
 
 LOSSES = ("l2", "l1", "huber")
 WEIGHTINGS = ("uniform", "min_snr", "vlb")
-KINDS = ("simple", "hybrid", "vlb")  # the loss, the loss + lambda L_vlb, or L_vlb alone (Nichol & Dhariwal 2021)
+KINDS = ("simple", "hybrid", "vlb", "vdm")  # the loss, + lambda L_vlb, L_vlb alone (Nichol & Dhariwal 2021), VDM
+LEARNED_VARIANCE_KINDS = ("hybrid", "vlb")  # the kinds that train the network's variance channels
 MAE_VAR_EPS = 1e-6  # added to a target patch's variance before normalising it (MaskDiT, as MAE's norm_pix_loss)
 
 
@@ -64,8 +70,10 @@ class ObjectiveConfig:
     mask_ratio: float = 0.0         # MaskDiT: drop this fraction of the patch tokens in training (0: off; kind dit)
     mae_weight: float = 0.0         # MaskDiT: weight of the reconstruction loss of the dropped patches (paper: 0.1)
     kind: str = "simple"            # simple (the loss above), hybrid (+ vlb_weight L_vlb) or vlb (L_vlb, importance
-                                    # sampled t); hybrid and vlb need a discrete schedule and model.*.learn_sigma
+                                    # sampled t); hybrid and vlb need a discrete schedule and model.*.learn_sigma;
+                                    # vdm: VDM's ELBO with a learned schedule (a continuous schedule, see vdm.*)
     vlb_weight: float = 0.001       # lambda of Improved DDPM's L_hybrid = L_simple + lambda L_vlb
+    vdm: VDMConfig = field(default_factory=VDMConfig)  # kind vdm: the ELBO and learned schedule (docs/likelihood.md)
 
 
 def low_res_condition(x: torch.Tensor, size: int, aug_sigma: torch.Tensor, *, generator=None) -> dict:
@@ -115,6 +123,7 @@ class DiffusionObjective:
         _check_masking(cfg, patch_size)
         _check_kind(cfg, schedule)
         self.importance = ImportanceSampler(schedule.T) if cfg.kind == "vlb" else None
+        self.vdm = VDMLoss(cfg.vdm) if cfg.kind == "vdm" else None  # VDM's ELBO (Kingma et al. 2021)
         self.last_terms: dict = {}
         self.patch_size = patch_size  # the network's patch side (MaskDiT's token grid)
         self.schedule = schedule
@@ -194,7 +203,11 @@ class DiffusionObjective:
                    sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                    masked: bool = False) -> torch.Tensor:
         """Weighted loss per sample (N,). `sigma` and `noise` may be given (tests); else they are drawn. `masked`:
-        MaskDiT's loss with mask_ratio of the patch tokens dropped (the training loss; see the module docstring)."""
+        MaskDiT's loss with mask_ratio of the patch tokens dropped (the training loss; see the module docstring);
+        kind vdm: the ELBO in bits/dim, in training (`masked`) with the variance-minimising schedule gradient."""
+        if self.vdm is not None:
+            return self.vdm.per_sample(denoiser, x0, cond, generator=generator, sigma=sigma, noise=noise,
+                                       training=masked)
         n = x0.shape[0]
         x, sigma = add_noise(self.schedule, x0, generator=generator, sigma=sigma, noise=noise)
         if self.cfg.low_res:  # super-resolution: the conditioning image is made from x0 itself
@@ -216,8 +229,10 @@ class DiffusionObjective:
         kept = ~mask
         per = _patch_means(self.elementwise(err), self.patch_size)  # (N, L)
         loss = (per * kept).sum(1) / kept.sum(1) * self.weight(sigma, out_scale)  # (N,)
-        if self.cfg.mae_weight > 0:
-            loss = loss + self.cfg.mae_weight * mae_loss(denoised, x, mask, self.patch_size)
+        if self.cfg.mae_weight > 0:  # the network's own output F = (D - c_skip x) / c_out reconstructs the patches
+            c_skip, c_out = skip_out_coefficients(self.prediction_of(denoiser), sigma.float(), self.sigma_data)
+            raw = (denoised - append_dims(c_skip, x.ndim) * x) / append_dims(c_out, x.ndim)
+            loss = loss + self.cfg.mae_weight * mae_loss(raw, x, mask, self.patch_size)
         return loss
 
     def token_mask(self, x0: torch.Tensor, *, generator=None) -> torch.Tensor:
@@ -256,6 +271,10 @@ class DiffusionObjective:
         """Training loss: condition dropout (if configured), then the mean of :meth:`per_sample` (masked when
         mask_ratio > 0); kind vlb draws t by importance sampling, weights L_t by 1 / p_t and records L_t."""
         cond = self.drop_condition(cond, generator=generator)
+        if self.vdm is not None:
+            loss = self.per_sample(denoiser, x0, cond, generator=generator, masked=True).mean()
+            self.last_terms = self.vdm.last_terms
+            return loss
         if self.importance is None:
             return self.per_sample(denoiser, x0, cond, generator=generator, masked=True).mean()
         t, w = self.importance.sample(x0.shape[0], generator=generator)  # (N,), 1 / (T p_t), on the CPU
@@ -290,6 +309,9 @@ def _check_kind(cfg: ObjectiveConfig, schedule: Schedule) -> None:
     check_choice("diffusion.objective.kind", cfg.kind, KINDS)
     if cfg.kind == "simple":
         return
+    if cfg.kind == "vdm":
+        _check_vdm(cfg, schedule)
+        return
     if not isinstance(schedule, DiscreteSchedule):
         raise ValueError(f"diffusion.objective.kind {cfg.kind!r} learns the variance of DDPM's discrete steps: use a "
                          "discrete schedule (diffusion.schedule linear, cosine or sigmoid)")
@@ -298,6 +320,19 @@ def _check_kind(cfg: ObjectiveConfig, schedule: Schedule) -> None:
                          "set mask_ratio=0")
     if not 0 <= cfg.vlb_weight < float("inf"):
         raise ValueError(f"diffusion.objective.vlb_weight must be a finite number >= 0, got {cfg.vlb_weight}")
+
+
+def _check_vdm(cfg: ObjectiveConfig, schedule: Schedule) -> None:
+    """Kind vdm: a continuous base schedule (the network's view of sigma), no setting that the ELBO would ignore."""
+    check_vdm_config(cfg.vdm)
+    if isinstance(schedule, DiscreteSchedule):
+        raise ValueError("diffusion.objective.kind 'vdm' learns its own schedule; the configured one only fixes how "
+                         "the network sees x and sigma, which needs a continuous schedule: diffusion.schedule vp, edm "
+                         "or rf")
+    if cfg.loss != "l2" or cfg.weighting != "uniform" or cfg.mask_ratio > 0 or cfg.low_res:
+        raise ValueError("diffusion.objective.kind 'vdm' trains the ELBO, whose loss and weighting are fixed: leave "
+                         f"loss=l2, weighting=uniform, mask_ratio=0 and low_res=0 (got {cfg.loss}, {cfg.weighting}, "
+                         f"{cfg.mask_ratio}, {cfg.low_res})")
 
 
 def _patches(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -311,13 +346,16 @@ def _patch_means(per_element: torch.Tensor, p: int) -> torch.Tensor:
     return _patches(per_element, p).mean(-1)
 
 
-def mae_loss(denoised: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
+def mae_loss(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
     """MaskDiT's reconstruction loss (Zheng et al. 2023; MAE's normalised-pixel target, He et al. 2022):
-    mean over the dropped patches (mask True) of mean((D_patch - (x_patch - mean) / sqrt(var + eps))^2), x the
-    noisy input, var the unbiased variance within the patch. Returns (N,)."""
+    mean over the dropped patches (mask True) of mean((F_patch - (x_patch - mean) / sqrt(var + eps))^2), F the
+    network's output (N, C, H, W), x the noisy input, var the unbiased variance within the patch. Returns (N,).
+    The paper compares its EDM-preconditioned D, bounded at every noise level; the objective passes the raw
+    output (D - c_skip x) / c_out instead, bounded for every prediction type (for eps, D = x - sigma eps_hat grows
+    with sigma and would swamp the denoising term); for x0 prediction the two are the same."""
     target = _patches(x, p)  # (N, L, P)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + MAE_VAR_EPS).sqrt()
-    per = (_patches(denoised, p) - target).pow(2).mean(-1)  # (N, L)
+    per = (_patches(out, p) - target).pow(2).mean(-1)  # (N, L)
     return (per * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 

@@ -107,6 +107,8 @@ def test_what_does_not_map_is_named():
     assert unet_to_diffusers_config(UNet())["block_out_channels"] == [32, 64, 64]  # 28 -> 14 -> 7 halves
     with pytest.raises(MappingError, match="cond_channels"):
         unet_to_diffusers_config(_our_unet(cond_channels=1))
+    with pytest.raises(MappingError, match="fourier_features"):
+        unet_to_diffusers_config(_our_unet(fourier_features=(7, 8)))
     with pytest.raises(MappingError, match="continuous"):
         export_diffusers(Precond(_our_unet(), get_schedule("edm"), "edm"), "/nonexistent")
 

@@ -78,6 +78,26 @@ def test_adaln_zero_blocks_start_as_the_identity_and_the_output_at_zero():
     assert seen == [False, False, False]
 
 
+def test_embed_init_torch_gives_pytorchs_embedding_scales_and_keeps_the_zero_start():
+    """model.dit.embed_init: dit draws the class table and time MLP from N(0, 0.02) (the paper's); torch leaves
+    PyTorch's defaults (N(0, 1) rows; Kaiming-uniform, bound 1/sqrt(fan_in)); the rest of the init and the zero output
+    at the start are the same."""
+    torch.manual_seed(0)
+    big = dict(image_size=8, patch_size=2, depth=1, hidden_size=256, num_heads=2, num_classes=100)
+    paper, ours = build_net("dit", **big), build_net("dit", **big, embed_init="torch")
+    assert float(paper.class_embed.weight.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(ours.class_embed.weight.std()) == pytest.approx(1.0, rel=0.05)
+    w = ours.time_embed.mlp[0].weight.detach()
+    bound = w.shape[1] ** -0.5  # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert float(w.abs().max()) <= bound and float(w.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    assert float(paper.time_embed.mlp[0].weight.std()) == pytest.approx(0.02, rel=0.05)
+    x, t, y = inputs()
+    net = tiny(embed_init="torch")
+    assert torch.equal(net(x, t, class_labels=y), torch.zeros_like(x))
+    with pytest.raises(ValueError, match=r"model\.dit\.embed_init 'normal'; allowed values: 'dit', 'torch'"):
+        tiny(embed_init="normal")
+
+
 @pytest.mark.parametrize("conditioning", ["adaln", "in_context", "cross_attention"])
 def test_other_conditionings_start_at_zero_output_and_follow_the_class(conditioning):
     net = tiny(conditioning=conditioning)

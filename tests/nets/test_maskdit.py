@@ -4,7 +4,7 @@ import torch
 
 from torchdiffusion.objectives import DiffusionObjective, ObjectiveConfig
 from torchdiffusion.schedules import get_schedule
-from torchdiffusion.utils import sample_generators
+from torchdiffusion.utils import append_dims, sample_generators
 
 SCHEDULE = get_schedule("edm")
 
@@ -93,6 +93,29 @@ def test_mae_term_is_the_normalised_patch_reconstruction():
         losses = []
         for weight in (0.0, 0.1):
             obj = objective(mask_ratio=0.5, mae_weight=weight)
+            losses.append(obj.per_sample(fn, x0, sigma=sigma, noise=noise, masked=True,
+                                         generator=sample_generators(3, 4)))
+        torch.testing.assert_close(losses[1] - losses[0], torch.full((4,), 0.1 * extra), rtol=1e-4, atol=1e-5)
+
+
+def test_mae_term_is_measured_on_the_networks_own_output_for_eps_prediction():
+    """With eps prediction D = x - sigma F: a network whose output F is the normalised noisy patches costs 0 in the
+    MAE term at every noise level (the term compares F, not D = x - sigma F, which grows with sigma), and one
+    returning F = 0 costs (P - 1) / P as for x0 prediction."""
+    x0, sigma, noise = data()
+    sigma = sigma * 50  # high levels, where D and F differ by far
+
+    def normalised_eps(x, sigma, token_mask=None):
+        p = x.reshape(4, 2, 4, 2, 4, 2)
+        f = ((p - p.mean(dim=(1, 3, 5), keepdim=True)) / (p.var(dim=(1, 3, 5), keepdim=True) + 1e-6).sqrt())
+        return x - append_dims(sigma, x.ndim) * f.reshape(x.shape)  # D = x - sigma F
+
+    zero_eps = lambda x, sigma, token_mask=None: x  # F = 0
+    for fn, extra in ((normalised_eps, 0.0), (zero_eps, 7 / 8)):
+        losses = []
+        for weight in (0.0, 0.1):
+            obj = DiffusionObjective(SCHEDULE, ObjectiveConfig(mask_ratio=0.5, mae_weight=weight), prediction="eps",
+                                     patch_size=2)
             losses.append(obj.per_sample(fn, x0, sigma=sigma, noise=noise, masked=True,
                                          generator=sample_generators(3, 4)))
         torch.testing.assert_close(losses[1] - losses[0], torch.full((4,), 0.1 * extra), rtol=1e-4, atol=1e-5)

@@ -51,23 +51,32 @@ def _assert_close(a, b, groups=("model", "ema")):
             torch.testing.assert_close(a[group][k], b[group][k], atol=TOL, rtol=TOL, msg=f"{group} {k}")
 
 
+# VDM (uniform times, the split-independent choice): the learned schedule is a submodule of the network, so its
+# gradients (the ELBO's for the endpoints, the squared loss's for the interior) are all-reduced with the rest
+VDM = ["diffusion.schedule=vp", "diffusion.objective.kind=vdm", "diffusion.objective.vdm.t_sampling=uniform",
+       "diffusion.objective.vdm.hidden=16"]
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_two_processes_match_one_and_resume_on_one(tmp_path):
+@pytest.mark.parametrize("objective", [[], VDM], ids=["simple", "vdm"])
+def test_two_processes_match_one_and_resume_on_one(tmp_path, objective):
     # 2 processes x 4 examples, each in 2 micro-batches (DDP no_sync on the first), 3 steps
-    over = ["train.steps=3", "train.grad_accum=2"]
+    over = ["train.steps=3", "train.grad_accum=2", *objective]
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), over), nprocs=2, join=True)
     meta2, two = _groups(tmp_path / "two")
     assert meta2["step"] == 3 and meta2["world_size"] == 2
     assert sorted(p.name for p in (tmp_path / "two" / "ddp" / "checkpoints").iterdir()) == \
         ["best.safetensors", "last.safetensors"]  # written once, by rank 0
+    if objective:
+        assert any(k.startswith("vdm_gamma.") for k in two["model"])
 
-    ref = Trainer(tiny_cfg(tmp_path / "one", "train.steps=3"), dataset=tiny_dataset(), progress=False)
+    ref = Trainer(tiny_cfg(tmp_path / "one", "train.steps=3", *objective), dataset=tiny_dataset(), progress=False)
     ref.fit()
     _assert_close(two, _groups(tmp_path / "one")[1], ("model", "ema", "optim"))
 
     # continue both to step 6 in one process: the 2-process checkpoint resumes like the 1-process one
     for name in ("one", "two"):
-        tr = Trainer(tiny_cfg(tmp_path / name, "train.steps=6"), dataset=tiny_dataset(), progress=False)
+        tr = Trainer(tiny_cfg(tmp_path / name, "train.steps=6", *objective), dataset=tiny_dataset(), progress=False)
         assert tr.step == 3
         tr.fit()
     _assert_close(_groups(tmp_path / "two")[1], _groups(tmp_path / "one")[1])

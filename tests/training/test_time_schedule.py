@@ -5,6 +5,7 @@ one would make every figure depend on the machine."""
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -114,10 +115,12 @@ def test_lr_at_is_the_step_schedule_of_before(schedule, warmup):
 
 
 def test_the_step_schedule_ignores_the_clock(tmp_path):
-    """lr_schedule_over=steps (the default, and every preset's): each step's learning rate is lr_at(step), and the
-    run goes to train.steps, however slow the clock says the steps are (1000 s each, a 60-minute budget)."""
+    """lr_schedule_over=steps (the default): each step's learning rate is lr_at(step), and the run goes to
+    train.steps, however slow the clock says the steps are (1000 s each, a 60-minute budget). A preset on the time
+    schedule has a budget for it."""
     assert TrainConfig().lr_schedule_over == "steps"
-    assert all(load_config(p).train.lr_schedule_over == "steps" for p in presets())
+    timed = [p for p in presets() if load_config(p).train.lr_schedule_over == "time"]
+    assert all(load_config(p).train.max_minutes > 0 for p in timed)
     log = LrLog()
     tr, summary = run(tmp_path, 1000.0, "train.steps=8", "train.warmup_steps=3", "train.lr_schedule_over=steps",
                       "train.max_minutes=60", hooks=[log])
@@ -192,3 +195,35 @@ def test_the_time_schedule_needs_a_budget_and_the_choice_is_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.lr_schedule_over 'minutes'; allowed values: 'steps', 'time'"):
         load_config("tiny", ["train.lr_schedule_over=minutes", "train.max_minutes=10"])
     assert load_config("tiny", ["train.lr_schedule_over=time", "train.max_minutes=10"]).train.lr_schedule_over == "time"
+
+
+def test_the_cpu_clock_counts_the_cpu_time_of_the_steps_not_the_waits(tmp_path, monkeypatch):
+    """train.clock=cpu: train_seconds is this process's CPU time over the steps, so time the CPU spends on other jobs
+    (here a step that waits 0.05 s without working) does not eat the budget; the wall clock counts the wait."""
+    wait = 0.05
+
+    def waiting_step(self, batch):
+        time.sleep(wait)
+        return torch.zeros(())
+
+    seconds = {}
+    for clock in ("wall", "cpu"):
+        tr = Trainer(cfg(tmp_path / clock, f"train.clock={clock}"), progress=False)
+        assert tr.clock is Trainer.CLOCKS[clock]
+        monkeypatch.setattr(Trainer, "train_step", waiting_step)
+        for _ in range(4):
+            tr._timed_step()
+        monkeypatch.undo()
+        seconds[clock] = tr.train_seconds
+        tr.close()
+    assert seconds["wall"] >= 4 * wait
+    assert seconds["cpu"] < 0.5 * 4 * wait  # the waits cost no CPU time (what is left: the batch and timing code)
+
+
+def test_the_cpu_clock_needs_the_time_schedule_and_the_choice_is_checked():
+    with pytest.raises(ConfigError, match=r"train\.clock='cpu'.*train\.lr_schedule_over=time.*train\.clock=wall"):
+        load_config("tiny", ["train.clock=cpu", "train.max_minutes=10"])
+    with pytest.raises(ConfigError, match=r"train\.clock 'gpu'; allowed values: 'wall', 'cpu'"):
+        load_config("tiny", ["train.clock=gpu", "train.lr_schedule_over=time", "train.max_minutes=10"])
+    assert load_config("tiny", ["train.clock=cpu", "train.lr_schedule_over=time",
+                                "train.max_minutes=10"]).train.clock == "cpu"

@@ -24,6 +24,7 @@ from ..interop.diffusers import is_diffusers_folder
 from ..latent.edit import Edits
 from ..sampling import SampleConfig, generate
 from ..utils import sample_generators
+from .prompts import sample_prompts
 from .text import generate_with
 
 
@@ -58,14 +59,19 @@ class Model:
         return dataclasses.replace(self.config.sample, **fields)
 
     @torch.no_grad()
-    def sample(self, n: int = 16, *, labels=None, options: dict | None = None, progress: bool = False,
+    def sample(self, n: int = 16, *, labels=None, prompt=None, options: dict | None = None, progress: bool = False,
                **fields) -> torch.Tensor:
         """n new samples (n, *shape). `labels`: a class for every sample (int), -1 for class i mod K, or an (n,)
-        tensor; default: the run's sample.class_label. `guidance_scale` alone means classifier-free guidance."""
+        tensor; default: the run's sample.class_label. `guidance_scale` alone means classifier-free guidance.
+        `prompt`: for a text-conditioned model, a caption or a list (sample i gets prompt i mod P; cfg guides
+        against the empty caption)."""
         if labels is not None and not isinstance(labels, torch.Tensor):
             fields["class_label"] = int(labels)
             labels = None
         spec = self.spec(options, **fields)
+        if self.config.captions.enabled or prompt:
+            return sample_prompts(self.denoiser, self.config, self.meta, self.model_shape,
+                                  dataclasses.replace(spec, n=n), prompt, device=self.device, progress=progress)
         classifier = load_noisy_classifier(spec.classifier, device=self.device)[0] \
             if spec.guidance == "classifier" else None
         return generate(self.denoiser, self.model_shape, spec, n=n, labels=labels, classifier=classifier,

@@ -43,6 +43,8 @@ from .distill import run_distill
 from .forecast import add_forecast_command
 from .hooks import standard_hooks
 from .inputs import load_images, load_samples, make_mask
+from .joint import sample_joint
+from .prompts import check_prompt_spec, sample_prompts
 from .run_report import write_report
 from .text import generate_text, write_text_samples
 
@@ -52,7 +54,8 @@ BENCHMARKS = {"samplers": "samplers.py", "train-speed": "train_speed.py", "guida
               "structure": "structure.py", "floor": "floor.py", "backbones": "backbones.py", "latent": "latent.py",
               "fewstep": "fewstep.py", "faults": "faults.py", "interop": "interop.py", "norm-act": "norm_act.py",
               "timeseries": "timeseries.py", "text": "text.py", "adaptive": "adaptive.py",
-              "conditioning": "conditioning.py"}
+              "conditioning": "conditioning.py", "text-conditioning": "text_conditioning.py",
+              "likelihood": "likelihood.py", "joint": "joint.py"}
 EDIT_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "sampler_options", "seed", "use_ema", "clip_x0", "class_label")
 EVAL_SAMPLE_FIELDS = ("sampler", "steps", "spacing", "final", "sampler_options", "seed", "batch_size", "use_ema",
                       "clip_x0", "class_label", "guidance", "guidance_scale", "classifier")
@@ -189,15 +192,24 @@ def cmd_demo(args) -> int:
 def cmd_sample(args) -> int:
     denoiser, cfg, meta = load_denoiser(args.checkpoint, use_ema=args.use_ema is not False)
     s = _spec(cfg.sample, args)
+    prompts = getattr(args, "prompt", None)
+    check_prompt_spec(cfg, s, prompts)  # before any work: --prompt for a model without captions is refused
     shape = tuple(meta["data_shape"])
     out = _writable(Path(args.out) if args.out else cfg.run_dir / "samples")
     steps = grid_steps(s)  # an explicit --sigmas grid sets the step count, not sample.steps
     stem = f"{s.sampler}_{steps}steps_seed{s.seed}"
     if s.sr_checkpoint:
         return _sample_cascade(denoiser, shape, s, out, stem, meta)
-    codec = codec_for(cfg, meta, args.checkpoint)  # a model on latents: decode its samples
-    x = generate(denoiser, shape, s, classifier=_classifier(s), progress=sys.stderr.isatty(),
-                 decode=codec.decode if codec is not None else None)
+    labels = None
+    if cfg.captions.enabled:  # a text-conditioned model: sample i from prompt i mod P
+        x = sample_prompts(denoiser, cfg, meta, shape, s, prompts, progress=sys.stderr.isatty())
+        stem += "_prompts" if prompts else ""
+    elif cfg.task == "joint":  # an (image, label) model: pairs, or images given a label by inpainting
+        x, labels = sample_joint(denoiser, cfg, shape, s, progress=sys.stderr.isatty())
+    else:
+        codec = codec_for(cfg, meta, args.checkpoint)  # a model on latents: decode its samples
+        x = generate(denoiser, shape, s, classifier=_classifier(s), progress=sys.stderr.isatty(),
+                     decode=codec.decode if codec is not None else None)
     if s.class_label is not None:
         stem += f"_class{s.class_label}"
     if s.guidance != "none":
@@ -205,6 +217,8 @@ def cmd_sample(args) -> int:
     files = viz.save_samples(x, out, stem)
     print(json.dumps({"n": s.n, "sampler": s.sampler, "steps": steps,
                       **({"sigmas": list(s.sigmas)} if s.sigmas else {"spacing": s.spacing}),
+                      **({"prompts": prompts} if prompts else {}),
+                      **({"labels": labels.tolist()} if labels is not None else {}),
                       "checkpoint_step": meta.get("step"), **files}, indent=2))
     return 0
 
@@ -458,6 +472,9 @@ def _add_run_commands(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a checkpoint: a grid PNG and an .npz")
     s.add_argument("checkpoint", help="a .safetensors checkpoint or a run's checkpoints folder")
     s.add_argument("--out", default=None, help="output folder (default: the run's samples/ folder)")
+    s.add_argument("--prompt", action="append", default=None,
+                   help="a text-conditioned checkpoint: the caption to draw (repeatable: sample i gets prompt i mod P; "
+                   "none: unconditional); with --guidance cfg, guided against the empty caption")
     _add_sample_args(s)
     s.set_defaults(func=cmd_sample)
 

@@ -30,6 +30,7 @@ from ..utils import LOG2, append_dims, check_choice, rand, randn
 from ..variance import (BIN_HALF_WIDTH, DECODERS, clipped_log_variances,  # noqa: F401 (BIN_HALF_WIDTH and
                         discretized_gaussian_log_likelihood, normal_kl,     # the decoder re-exported here)
                         schedule_log_variance, vlb_term)
+from ..vdm import LearnedSchedule, elbo_terms
 
 VARIANCES = ("small", "large")            # beta_tilde_t (DDPM "fixedsmall") or beta_t ("fixedlarge")
 PROBES = ("rademacher", "gaussian", "exact")
@@ -128,12 +129,40 @@ def vlb_bits_per_dim(denoiser, x0: torch.Tensor, *, T: int | None = None, genera
     """The DDPM variational bound in bits/dim per sample of x0 (8-bit data in [-1, 1], (N, ...)); see
     :func:`vlb_terms`. Returns mean, stderr, ci95, n, per_sample (N,), and terms_mean (T + 1,) in bits/dim:
     [L_0, ..., L_T] averaged over samples. With decoder="gaussian" the result is a bound on the continuous
-    -log2 p(x0) / D instead."""
+    -log2 p(x0) / D instead. A VDM denoiser (a learned schedule) reports its own ELBO (:func:`vdm_bits_per_dim`;
+    T: its discrete-time bound, None the continuous one)."""
+    if schedule is None and isinstance(getattr(denoiser, "schedule", None), LearnedSchedule):
+        return vdm_bits_per_dim(denoiser, x0, T=T or 0, decoder=decoder, generator=generator,
+                                batch_size=batch_size, progress=progress)
     terms = vlb_terms(denoiser, x0, T=T, schedule=schedule, variance=variance, decoder=decoder,
                       generator=generator, batch_size=batch_size, progress=progress)
     D = x0[0].numel()
     bpd = terms / (D * LOG2)
     return _summary(bpd.sum(1), terms_mean=bpd.mean(0), T=terms.shape[1] - 1)
+
+
+@torch.no_grad()
+def vdm_bits_per_dim(denoiser, x0: torch.Tensor, *, T: int = 0, n_times: int = 1, decoder: str = "discrete",
+                     generator=None, batch_size: int = 256, progress: bool = False) -> dict:
+    """The VDM ELBO (Kingma et al. 2021, eq. 11 and 17; :func:`~torchdiffusion.vdm.elbo_terms`) of a denoiser with a
+    learned schedule, in bits/dim per sample of 8-bit x0 in [-1, 1] (N, ...): continuous time (T = 0) or T steps,
+    the diffusion term a mean over `n_times` low-discrepancy t per sample. Returns mean, stderr, ci95, n,
+    per_sample (N,), and terms_mean [reconstruction, diffusion, prior] in bits/dim (the places of L_0, the middle
+    terms and L_T of :func:`vlb_bits_per_dim`)."""
+    if n_times < 1:
+        raise ValueError(f"n_times must be at least 1, got {n_times}")
+    dtype, D = _model_dtype(denoiser), x0[0].numel()
+    per = []
+    starts = range(0, x0.shape[0], batch_size)
+    if progress:
+        starts = tqdm(starts, desc=f"VDM ELBO ({n_times} t per sample)", unit="batch")
+    for s in starts:
+        xb = x0[s:s + batch_size].to(dtype)
+        rep = [elbo_terms(denoiser, xb, T=T, decoder=decoder, generator=generator) for _ in range(n_times)]
+        per.append(torch.stack([sum(r[k] for r in rep).double() / n_times
+                                for k in ("reconstruction", "diffusion", "prior")], 1))  # (B, 3) nats
+    bpd = torch.cat(per) / (D * LOG2)
+    return _summary(bpd.sum(1), terms_mean=bpd.mean(0), T=T)
 
 
 # ------------------------------------------------------------------------------------------------- ODE

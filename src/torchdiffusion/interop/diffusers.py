@@ -134,6 +134,8 @@ def unet_to_diffusers_config(net: UNet) -> dict:
     problems = []
     if c.cond_channels:
         problems.append("cond_channels (a super-resolution net's low-res input)")
+    if getattr(c, "fourier_features", ()):
+        problems.append(f"fourier_features={list(c.fourier_features)} (UNet2DModel has no Fourier-feature inputs)")
     if c.time_embed_mult != 4:
         problems.append(f"time_embed_mult={c.time_embed_mult} (UNet2DModel's time embedding is 4 x channels)")
     groups = {m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)}

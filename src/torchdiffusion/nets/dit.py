@@ -52,6 +52,7 @@ DIT_SIZES = {  # name -> (depth, hidden size, heads): Table 1 of Peebles & Xie 2
     "XL": (28, 1152, 16),
 }
 DIT_PATCH_SIZES = (2, 4, 8)
+EMBED_INITS = ("dit", "torch")  # model.dit.embed_init: the paper's N(0, 0.02) embeddings, or PyTorch's defaults
 LN_EPS = 1e-6
 
 
@@ -77,6 +78,9 @@ class DiTConfig:
     decoder_depth: int = 0                    # MaskDiT decoder blocks after the encoder (0: none)
     decoder_hidden_size: Optional[int] = None  # width of the MaskDiT decoder (None: D)
     time_freq_dim: int = 256                  # width of the sinusoidal time features
+    embed_init: str = "dit"                   # dit: N(0, 0.02) time MLP and class table (the paper's); torch:
+                                              # PyTorch's defaults, conditioning felt from the first steps (short
+                                              # budgets learn the classes sooner: docs/backbones.md)
 
     def replace(self, **changes) -> "DiTConfig":
         return replace(self, **changes)
@@ -183,10 +187,12 @@ class DiT(nn.Module):
         decoder_depth: int = 0,                   # MaskDiT decoder blocks
         decoder_hidden_size: Optional[int] = None,  # MaskDiT decoder width (None: hidden size)
         time_freq_dim: int = 256,                 # sinusoidal time feature width
+        embed_init: str = "dit",                  # dit (N(0, 0.02) embeddings) or torch (PyTorch's defaults)
     ):
         super().__init__()
         self.config = DiTConfig(**{k: v for k, v in locals().items() if k in DiTConfig.__dataclass_fields__})
         check_choice("model.dit.conditioning", conditioning, CONDITIONINGS)
+        check_choice("model.dit.embed_init", embed_init, EMBED_INITS)
         depth, dim, heads = resolve_size(DIT_SIZES, size, "model.dit", depth=depth, hidden_size=hidden_size,
                                          num_heads=num_heads)
         if depth < 1 or decoder_depth < 0:
@@ -253,6 +259,11 @@ class DiT(nn.Module):
         if self.interval_embed is not None:  # like the time embedding; last, so the other draws stay as they were
             for lin in (self.interval_embed.mlp[0], self.interval_embed.mlp[2]):
                 nn.init.normal_(lin.weight, std=0.02)
+        if self.config.embed_init == "torch":  # PyTorch's defaults: N(0, 1) class rows, Kaiming-uniform time MLP
+            if self.class_embed is not None:
+                self.class_embed.reset_parameters()
+            for lin in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
+                lin.reset_parameters()
 
     @classmethod
     def from_config(cls, cfg: DiTConfig) -> "DiT":

@@ -122,6 +122,7 @@ class UNetConfig:
     cross_attn_resolutions: tuple = ()        # feature-map heights whose blocks cross-attend to the context
     dynamic_conv_kernels: int = 0             # K >= 1: block convolutions mix K kernels by the embedding (0: off)
     learn_sigma: bool = False                 # 2x output channels: Improved DDPM's variance (return_variance=True)
+    fourier_features: tuple = ()              # exponents n: the input gains sin, cos(2^n pi x) channels (VDM: 7, 8)
 
     def replace(self, **changes) -> "UNetConfig":
         return replace(self, **changes)
@@ -504,6 +505,7 @@ class UNet(nn.Module):
         cross_attn_resolutions: Sequence[int] = (),  # feature-map heights with cross-attention
         dynamic_conv_kernels: int = 0,            # K >= 1: dynamic block convolutions with K kernels
         learn_sigma: bool = False,                # also output the variance channels (Improved DDPM)
+        fourier_features: Sequence[int] = (),     # exponents n of sin / cos(2^n pi x) input channels (VDM)
     ):
         super().__init__()
         self.config = UNetConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) and k != "image_size" else v
@@ -528,7 +530,9 @@ class UNet(nn.Module):
         self.cond_channels = cond_channels
         self.cond_sigma_embed = TimeEmbedding(channels, emb_dim) if cond_channels else None
         self.context_in = NullContext(context_dim, "model.unet") if context_dim else None
-        self.conv_in = nn.Conv2d(in_channels + cond_channels, channels, 3, padding=1)
+        self.fourier_features = tuple(int(n) for n in fourier_features)
+        features = in_channels * (1 + 2 * len(self.fourier_features))  # x, then sin and cos per exponent
+        self.conv_in = nn.Conv2d(features + cond_channels, channels, 3, padding=1)
         self._window_layers = 0
         self._build_levels()
         self.norm_out = _norm(self._out_ch, norm_groups)
@@ -643,6 +647,8 @@ class UNet(nn.Module):
         emb = add_class_embedding(emb, self.class_embed, class_labels, self.num_classes)  # (N, E)
         emb = add_guidance_embedding(emb, self.guidance_embed, guidance_scale)  # (N, E)
         emb = add_interval_embedding(emb, self.interval_embed, interval)  # (N, E)
+        if self.fourier_features:
+            x = fourier_features(x, self.fourier_features)  # (N, C_in (1 + 2 F), H, W)
         if self.cond_channels:
             x, emb = self._add_low_res(x, emb, low_res, low_res_sigma)  # (N, C_in + C_cond, H, W)
         elif low_res is not None:
@@ -668,6 +674,15 @@ class UNet(nn.Module):
         return (mean, var) if return_variance else mean
 
 
+def fourier_features(x: torch.Tensor, exponents: Sequence[int]) -> torch.Tensor:
+    """x (N, C, H, W) with sin(2^n pi x) and cos(2^n pi x) of every channel appended for each exponent n
+    (Kingma et al. 2021, "Variational diffusion models", appendix: the fine detail of 8-bit data).
+    Returns (N, C (1 + 2F), H, W)."""
+    freq = torch.tensor([2.0**n * math.pi for n in exponents], dtype=x.dtype, device=x.device)  # (F,)
+    arg = (x[:, None] * freq.view(1, -1, 1, 1, 1)).flatten(1, 2)  # (N, F C, H, W)
+    return torch.cat([x, arg.sin(), arg.cos()], dim=1)
+
+
 def _check_unet_config(c: UNetConfig, heights: list) -> None:
     """Refuse option values and combinations the U-Net cannot build, naming the allowed ones."""
     if c.in_channels < 1 or c.channels < 1 or c.num_res_blocks < 0 or not c.channel_mult:
@@ -677,6 +692,9 @@ def _check_unet_config(c: UNetConfig, heights: list) -> None:
     if c.dynamic_conv_kernels < 0 or c.window_size < 1 or c.convnext_mult < 1:
         raise ValueError(f"dynamic_conv_kernels must be >= 0, window_size and convnext_mult >= 1, got "
                          f"{c.dynamic_conv_kernels}, {c.window_size}, {c.convnext_mult}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in c.fourier_features):
+        raise ValueError(f"model.unet.fourier_features are exponents n >= 0 of sin / cos(2^n pi x) (VDM: [7, 8]), "
+                         f"got {tuple(c.fourier_features)}")
     for name in ("attn_resolutions", "cross_attn_resolutions"):
         bad = [r for r in getattr(c, name) if r not in heights]
         if bad:
