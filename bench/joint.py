@@ -18,16 +18,14 @@ it, on MNIST or Fashion-MNIST. Then:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from torchdiffusion.app.cli import load_bench
 from torchdiffusion.app.joint import classify, generate_given_labels, joint_layout, load_joint
 from torchdiffusion.config import load_config
 from torchdiffusion.data import make_dataset
@@ -36,6 +34,9 @@ from torchdiffusion.evaluate.features import feature_net_path
 from torchdiffusion.precond import CountCalls
 from torchdiffusion.sampling import get_sigmas
 from torchdiffusion.training import Trainer
+
+BENCH = Path(__file__).parent  # this folder: the benchmarks used here
+backbones = load_bench("backbones", BENCH)  # its machine() describes the run
 
 PRESET = "mnist-joint"
 UNBOUNDED_STEPS = 1_000_000     # the budget, not a step count, ends the run (lr decays over the time)
@@ -117,15 +118,6 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    model = platform.processor()
-    with contextlib.suppress(OSError):
-        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                     model)
-    return {"cpu": model, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "loadavg_before": os.getloadavg()[0]}
-
-
 def run(opts: dict, dataset: str, checkpoint: str, out_dir: str, log=print) -> tuple[list, dict]:
     info = {}
     if not checkpoint:
@@ -165,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "bootstrap": args.bootstrap, "subset": None}
     if args.quick:
         opts.update(QUICK)
-    info = machine()
+    info = backbones.machine()
     print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}; {opts}", file=sys.stderr)
     rows, run_info = run(opts, args.dataset, args.checkpoint, args.out_dir, log=lambda m: print(m, file=sys.stderr))
     print(format_table(rows))

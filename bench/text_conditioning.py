@@ -17,10 +17,7 @@ when measured with the same rule (for the class model, which never sees them, th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -28,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from torchdiffusion.app.cli import load_bench
 from torchdiffusion.app.prompts import sample_prompts
 from torchdiffusion.build import load_denoiser
 from torchdiffusion.config import load_config
@@ -38,6 +36,9 @@ from torchdiffusion.evaluate.features import feature_net_path
 from torchdiffusion.sampling import generate
 from torchdiffusion.text_encoder import require_encoder
 from torchdiffusion.training import Trainer
+
+BENCH = Path(__file__).parent  # this folder: the benchmarks used here
+backbones = load_bench("backbones", BENCH)  # its machine() describes the run
 
 PRESETS = {"text": "mnist-text", "class": "mnist-10min"}
 UNBOUNDED_STEPS = 1_000_000     # the budget, not a step count, ends both runs (lr decays over the time)
@@ -106,15 +107,6 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    model = platform.processor()
-    with contextlib.suppress(OSError):
-        model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                     model)
-    return {"cpu": model, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "loadavg_before": os.getloadavg()[0]}
-
-
 def run(opts: dict, ckpts: dict, out_dir: str, log=print) -> list:
     """Train the models without a checkpoint, sample both for the held-out prompts, score them."""
     dataset = "mnist"
@@ -159,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "floor_draws": args.floor_draws, "bootstrap": args.bootstrap, "subset": None}
     if args.quick:
         opts.update(QUICK)
-    info = machine()
+    info = backbones.machine()
     print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}; {opts}", file=sys.stderr)
     rows = run(opts, {"text": args.text_ckpt, "class": args.class_ckpt}, args.out_dir,
                log=lambda m: print(m, file=sys.stderr))

@@ -1,11 +1,13 @@
 """Shared fixtures."""
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from torchdiffusion.app import cli
+from torchdiffusion.training import Hook
 
 
 THREADS_ENV = "TORCHDIFFUSION_TEST_THREADS"  # torch intra-op threads of the test session (default 1)
@@ -99,3 +101,23 @@ def bench():
     """``bench("samplers")`` -> the module of bench/samplers.py."""
     cache = {}
     return lambda name: cache.setdefault(name, load_bench(name))
+
+
+class InterruptAt(Hook):
+    """Ctrl-C after step `step`: this process gets SIGINT there, and the trainer saves that clean point and raises
+    KeyboardInterrupt (a run stopped between checkpoints, to be continued)."""
+
+    every = 1
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, trainer):
+        if trainer.step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def interrupt_at():
+    """The hook class InterruptAt: `tr.hooks.append(interrupt_at(8))` stops a run by SIGINT after step 8."""
+    return InterruptAt

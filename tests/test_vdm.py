@@ -2,8 +2,6 @@
 the continuous- and discrete-time ELBO against closed forms on Gaussian data with its exact denoiser, the
 variance-minimising gradient, the objective through the trainer with an exact resume, and the refusals."""
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from torchdiffusion.objectives import DiffusionObjective, ObjectiveConfig
 from torchdiffusion.precond import denoiser_from_eps
 from torchdiffusion.sampling import generate, get_sigmas
 from torchdiffusion.schedules import VPSchedule, get_schedule
-from torchdiffusion.training import Hook, Trainer
+from torchdiffusion.training import Trainer
 from torchdiffusion.utils import LOG2
 from torchdiffusion.vdm import (LearnedGamma, LearnedSchedule, VDMConfig, VDMLoss, attach_learned_gamma,
                                 check_vdm_config, draw_times, elbo_terms, prior_kl, reconstruction_loss)
@@ -314,24 +312,13 @@ def test_vdm_run_trains_its_schedule_checkpoints_resumes_samples_and_reports_its
     assert torch.isfinite(again).all() and float(again.min()) > 0
 
 
-class _StopAt(Hook):
-    """Send this process SIGINT at one step (the trainer saves that step and stops)."""
-
-    every = 1
-
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, trainer):
-        if trainer.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_an_interrupted_vdm_run_resumes_bit_for_bit(tmp_path, mnist_path):
+def test_an_interrupted_vdm_run_resumes_bit_for_bit(interrupt_at, tmp_path, mnist_path):
     """Schedule weights, their Adam state and EMA included: stopped at step 3 and resumed equals uninterrupted."""
     Trainer(tiny(tmp_path / "a", "train.steps=5"), progress=False).fit()
     tr = Trainer(tiny(tmp_path / "b", "train.steps=5"), progress=False)
-    tr.hooks.append(_StopAt(3))
+    tr.hooks.append(interrupt_at(3))
     with pytest.raises(KeyboardInterrupt):
         tr.fit()
     Trainer(tiny(tmp_path / "b", "train.steps=5"), progress=False).fit()

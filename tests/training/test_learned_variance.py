@@ -1,8 +1,6 @@
 """Learned variances through the trainer (docs/likelihood.md): the importance-sampling history of kind vlb is saved
 in checkpoints and an interrupted run resumes bit for bit; a hybrid run trains, checkpoints, reloads and samples
 with its learned variance."""
-import os
-import signal
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from torchdiffusion.checkpoint import load_checkpoint
 from torchdiffusion.config import load_config
 from torchdiffusion.precond import Precond
 from torchdiffusion.sampling import generate
-from torchdiffusion.training import Hook, Trainer
+from torchdiffusion.training import Trainer
 
 STEPS = 12
 
@@ -26,27 +24,16 @@ def cfg(out, kind, *over):
                                 *over])
 
 
-class _StopAt(Hook):
-    """Send this process SIGINT at one step (the trainer saves that step and stops)."""
-
-    every = 1
-
-    def __init__(self, step):
-        self.step = step
-
-    def __call__(self, trainer):
-        if trainer.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def last(out):
     return load_checkpoint(out / "tiny" / "checkpoints" / "last.safetensors")
 
 
-def test_vlb_history_is_saved_and_an_interrupted_run_resumes_exactly(tmp_path, mnist_path):
+def test_vlb_history_is_saved_and_an_interrupted_run_resumes_exactly(interrupt_at, tmp_path, mnist_path):
     Trainer(cfg(tmp_path / "a", "vlb"), progress=False).fit()
     tr = Trainer(cfg(tmp_path / "b", "vlb"), progress=False)
-    tr.hooks.append(_StopAt(8))
+    tr.hooks.append(interrupt_at(8))
     with pytest.raises(KeyboardInterrupt):
         tr.fit()
     meta, stopped = last(tmp_path / "b")

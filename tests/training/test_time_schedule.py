@@ -3,8 +3,6 @@ the elapsed training time over train.max_minutes, the final learning rate at the
 a run stopped and continued that is the run never stopped, bit for bit. The trainer's clock is simulated: a real
 one would make every figure depend on the machine."""
 import math
-import os
-import signal
 import time
 
 import pytest
@@ -53,17 +51,6 @@ class LrLog(Hook):
         self.lrs.append(trainer.opt.param_groups[0]["lr"])
 
 
-class StopAt(Hook):
-    """Ctrl-C after step `step` (the trainer saves the run at that clean point and raises KeyboardInterrupt)."""
-
-    every = 1
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def __call__(self, trainer):
-        if trainer.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def run(out, dt, *over, hooks=(), **kwargs):
@@ -165,14 +152,14 @@ def test_the_log_line_shows_the_learning_rate_and_the_share_of_the_budget(tmp_pa
     assert last.startswith(f"step 12/{STEPS} ") and f"lr {lr:.3g}" in last and "3/3 s of training (100%)" in last
 
 
-def test_a_time_schedule_run_stopped_and_continued_is_the_run_never_stopped(tmp_path):
+def test_a_time_schedule_run_stopped_and_continued_is_the_run_never_stopped(interrupt_at, tmp_path):
     """Ctrl-C after step 8 of 12 (between checkpoints), then the same command: last and best hold the model, EMA,
     optimizer and random stream of the run never stopped, bit for bit (the checkpoint records the training time
     spent, 2 s, and the continuation goes on from it); a third start trains nothing (the budget is spent)."""
     over = ("train.ckpt_every=6", "model.unet.dropout=0.1")
     run(tmp_path / "a", SLOW, *over)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", SLOW, *over, hooks=[StopAt(8)])
+        run(tmp_path / "b", SLOW, *over, hooks=[interrupt_at(8)])
     meta, _ = load_checkpoint(tmp_path / "b" / "tiny" / "checkpoints" / "last.safetensors")
     assert meta["step"] == 8 and meta["train_seconds"] == 2.0
     tr, summary = run(tmp_path / "b", SLOW, *over)
