@@ -155,8 +155,9 @@ def test_convnext_unet_starts_as_identity_blocks_and_zero_output():
 
 
 # ------------------------------------------------------------------------------------------ cross-attention
-def test_cross_attention_with_an_all_masked_context_is_unconditional():
-    model = net(context_dim=5, cross_attn_resolutions=(4,)).eval()
+@pytest.mark.parametrize("context_global", [False, True])
+def test_cross_attention_with_an_all_masked_context_is_unconditional(context_global):
+    model = net(context_dim=5, cross_attn_resolutions=(4,), context_global=context_global).eval()
     x, t, y = inputs()
     ctx = torch.randn(3, 6, 5)
     none = model(x, t, class_labels=y)
@@ -166,7 +167,33 @@ def test_cross_attention_with_an_all_masked_context_is_unconditional():
     assert (visible - none).abs().amax(dim=(1, 2, 3)).min() > 1e-4
 
 
+def test_global_context_is_the_visible_mean_projected_into_the_embedding():
+    """context_global adds W mean(visible entries, null included) + b to the embedding: the same output as the net
+    without it given that vector as an extra embedding; padded entries do not count, and the path alone (no
+    cross-attention can see the context when its projection is the only change) moves the output."""
+    from torchdiffusion.nets.transformer import visible_mean
+    model = net(context_dim=5, cross_attn_resolutions=(4,), context_global=True).eval()
+    x, t, y = inputs()
+    ctx = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    null = model.context_in.null.detach()
+    mean = torch.stack([torch.cat([null[None], ctx[i][mask[i]]]).mean(0) for i in range(3)])  # (3, 5)
+    full, m = model.context_in(3, ctx, mask)
+    torch.testing.assert_close(visible_mean(full, m), mean, rtol=1e-6, atol=1e-6)
+    assert torch.equal(visible_mean(*model.context_in(3, None, None)), null.expand(3, -1))  # no context: the null
+    # changing the padded entries changes nothing; zeroing the projection changes the output
+    junk = torch.where(mask[..., None], ctx, torch.randn_like(ctx) * 100)
+    out = model(x, t, class_labels=y, context=ctx, context_mask=mask)
+    torch.testing.assert_close(model(x, t, class_labels=y, context=junk, context_mask=mask), out, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model.context_global.weight.zero_()
+        model.context_global.bias.zero_()
+    assert (model(x, t, class_labels=y, context=ctx, context_mask=mask) - out).abs().amax() > 1e-4
+
+
 def test_option_errors_name_the_fix():
+    with pytest.raises(ValueError, match="context_global adds the context's mean to the embedding: it needs"):
+        net(context_global=True)
     with pytest.raises(ValueError, match="cross-attention needs both model.unet.context_dim"):
         net(context_dim=5)
     with pytest.raises(ValueError, match=r"cross_attn_resolutions \(7,\) match no level.*heights are \(8, 4\)"):

@@ -2,6 +2,7 @@
 from each example's generator at the objective's rate."""
 import math
 
+import pytest
 import torch
 
 from torchdiffusion.data.captions import NULL_CAPTION
@@ -14,17 +15,18 @@ from torchdiffusion.data import TensorImageDataset
 from torchdiffusion.utils import sample_generators
 
 
-def text_unet():
+def text_unet(context_global=False):
     """A small U-Net whose cross-attention is not zero-initialised, so a context changes its output."""
     torch.manual_seed(0)
     net = UNet(channels=16, channel_mult=(1, 2), attn_resolutions=(), mid_attention=False, norm_groups=8,
-               context_dim=384, cross_attn_resolutions=(14,), zero_init_residual=False)
+               context_dim=384, cross_attn_resolutions=(14,), zero_init_residual=False, context_global=context_global)
     torch.nn.init.normal_(net.conv_out.weight, std=0.1)  # the output convolution starts at zero
     return net.eval()
 
 
-def test_the_empty_caption_is_the_unconditional_call(sentence_encoder):
-    net = text_unet()
+@pytest.mark.parametrize("context_global", [False, True])
+def test_the_empty_caption_is_the_unconditional_call(sentence_encoder, context_global):
+    net = text_unet(context_global)
     x, t = torch.randn(3, 1, 28, 28), torch.tensor([10.0, 400.0, 900.0])
     cond = prompt_condition(sentence_encoder, ["", "a thick slanted seven", NULL_CAPTION])
     assert not cond["context_mask"][[0, 2]].any()  # the pooled entry of the empty caption is masked too

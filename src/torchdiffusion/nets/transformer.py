@@ -183,6 +183,17 @@ class NullContext(nn.Module):
         return ctx, torch.cat([visible, context_mask], dim=1)  # (N, 1 + L)
 
 
+def visible_mean(ctx: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean (N, C) of the visible entries of a context from NullContext, (N, 1 + L, C) with mask (N, 1 + L) or
+    None. The null entry is always visible, so an all-masked or absent context gives the null vector itself: the
+    unconditional path of a network that adds this vector to its embedding (the pooled text embedding of Imagen,
+    Saharia et al. 2022, sec. 2.2) is exactly the one of an empty caption."""
+    if mask is None:
+        return ctx.mean(1)  # (N, C)
+    w = mask.to(ctx.dtype)[..., None]  # (N, 1 + L, 1)
+    return (ctx * w).sum(1) / w.sum(1)  # (N, C); w.sum >= 1 (the null entry)
+
+
 def check_context(context, context_mask, n: int, context_dim: Optional[int], owner: str) -> None:
     """Refuse a context the network cannot take, saying what to change."""
     if context_dim is None:

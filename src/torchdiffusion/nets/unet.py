@@ -29,7 +29,9 @@ Options beyond DDPM's layout:
 * ``context_dim`` with ``cross_attn_resolutions``: blocks at those feature-map heights cross-attend to a context
   sequence ``context`` (N, L, context_dim) with padding mask ``context_mask`` (N, L) bool (LDM, Rombach et al.
   2022); a learned null entry in front is always visible, so an all-masked (or absent) context is the
-  unconditional path.
+  unconditional path. ``context_global`` also adds a linear map of the mean of the visible entries to the
+  embedding (Imagen's pooled text vector, Saharia et al. 2022): every block then sees the caption as a whole, as
+  it sees a class label; with no visible entry the mean is the null entry, so the unconditional path stays exact.
 * ``dynamic_conv_kernels: K``: every block convolution mixes K kernels with softmax weights computed from the
   time (+ class) embedding (CondConv, Yang et al. 2019; Dynamic Convolution, Chen et al. 2020).
 
@@ -48,7 +50,7 @@ from torch import nn
 from ..utils import check_choice
 from .embeddings import (TimeEmbedding, add_class_embedding, add_guidance_embedding, add_interval_embedding,
                          as_time_vector)
-from .transformer import CrossAttention, NullContext, attention
+from .transformer import CrossAttention, NullContext, attention, visible_mean
 
 Size = Union[int, Sequence[int]]
 COND_SIGMA_SCALE = 1000.0  # the augmentation level sigma in [0, ~1] is embedded like a timestep in [0, 1000]
@@ -120,6 +122,7 @@ class UNetConfig:
     shift_windows: bool = True                # every second window layer shifts its windows by window_size // 2
     context_dim: Optional[int] = None         # width of a context sequence to cross-attend to (None: none)
     cross_attn_resolutions: tuple = ()        # feature-map heights whose blocks cross-attend to the context
+    context_global: bool = False              # also add a projection of the context's mean to the embedding
     dynamic_conv_kernels: int = 0             # K >= 1: block convolutions mix K kernels by the embedding (0: off)
     learn_sigma: bool = False                 # 2x output channels: Improved DDPM's variance (return_variance=True)
     fourier_features: tuple = ()              # exponents n: the input gains sin, cos(2^n pi x) channels (VDM: 7, 8)
@@ -503,6 +506,7 @@ class UNet(nn.Module):
         shift_windows: bool = True,               # shift every second window layer by half a window
         context_dim: Optional[int] = None,        # context width for cross-attention (None: none)
         cross_attn_resolutions: Sequence[int] = (),  # feature-map heights with cross-attention
+        context_global: bool = False,             # add a projection of the context's visible mean to the embedding
         dynamic_conv_kernels: int = 0,            # K >= 1: dynamic block convolutions with K kernels
         learn_sigma: bool = False,                # also output the variance channels (Improved DDPM)
         fourier_features: Sequence[int] = (),     # exponents n of sin / cos(2^n pi x) input channels (VDM)
@@ -530,6 +534,7 @@ class UNet(nn.Module):
         self.cond_channels = cond_channels
         self.cond_sigma_embed = TimeEmbedding(channels, emb_dim) if cond_channels else None
         self.context_in = NullContext(context_dim, "model.unet") if context_dim else None
+        self.context_global = nn.Linear(context_dim, emb_dim) if context_global else None
         self.fourier_features = tuple(int(n) for n in fourier_features)
         features = in_channels * (1 + 2 * len(self.fourier_features))  # x, then sin and cos per exponent
         self.conv_in = nn.Conv2d(features + cond_channels, channels, 3, padding=1)
@@ -653,8 +658,10 @@ class UNet(nn.Module):
             x, emb = self._add_low_res(x, emb, low_res, low_res_sigma)  # (N, C_in + C_cond, H, W)
         elif low_res is not None:
             raise ValueError("low_res given but the net was built with cond_channels=0")
-        emb = F.silu(emb)  # every block starts its embedding projection with SiLU; do it once
         ctx = self._context(x.shape[0], context, context_mask)
+        if self.context_global is not None:
+            emb = emb + self.context_global(visible_mean(*ctx))  # (N, E); the null vector's for no caption
+        emb = F.silu(emb)  # every block starts its embedding projection with SiLU; do it once
 
         h = self.conv_in(x)  # (N, C, H, W)
         skips = [h]
@@ -704,6 +711,9 @@ def _check_unet_config(c: UNetConfig, heights: list) -> None:
         raise ValueError("cross-attention needs both model.unet.context_dim (the context width) and "
                          f"model.unet.cross_attn_resolutions (feature-map heights among {tuple(heights)}); got "
                          f"context_dim={c.context_dim}, cross_attn_resolutions={tuple(c.cross_attn_resolutions)}")
+    if c.context_global and not c.context_dim:
+        raise ValueError("model.unet.context_global adds the context's mean to the embedding: it needs "
+                         "model.unet.context_dim (the context width) and cross_attn_resolutions")
 
 
 def count_parameters(module: nn.Module) -> int:
