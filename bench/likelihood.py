@@ -216,10 +216,20 @@ def run_row(dataset: str, objective: str, out_dir: str, *, minutes: float, eval_
     row = {"dataset": dataset, "objective": objective, "kind": cfg.diffusion.objective.kind, "minutes": minutes,
            "preset": PRESETS[objective][dataset], "overrides": OBJECTIVES[objective], "checkpoint": str(ckpt),
            **info}
+    name = f"{dataset} {objective} {minutes:g} min"
+    log(f"{name}: bits/dim by the bound on {eval_images} images and by the ODE on {ode_images}")
     row.update(likelihoods(den, dataset, eval_images=eval_images, ode_images=ode_images, vlb_steps=vlb_steps,
                            ode_rtol=ode_rtol))
-    row["quality"] = [sample_quality(den, cfg, meta, dataset, samples, floor_draws, bootstrap, **changes)
-                      for changes in samplings(objective, reference_steps)]
+    ode = f", ODE {row['bpd_ode']:.3f} +- {row['bpd_ode_se']:.3f}" if "bpd_ode" in row else ""
+    log(f"{name}: bound {row['bpd_bound']:.3f} +- {row['bpd_bound_se']:.3f}{ode} bits/dim "
+        f"({row['bound_seconds'] + row.get('ode_seconds', 0):.0f} s)")
+    row["quality"] = []
+    for changes in samplings(objective, reference_steps):
+        log(f"{name}: {samples} samples, {changes or 'the preset sampler'}")
+        q = sample_quality(den, cfg, meta, dataset, samples, floor_draws, bootstrap, **changes)
+        log(f"{name}: {q['sampler']}/{q['steps']} FD {q['fd']:.2f}, floor {q['fd_floor']:.2f} "
+            f"({q['sample_seconds']:.0f} s)")
+        row["quality"].append(q)
     return row
 
 
@@ -297,14 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     backbones.check_feature_nets(args.datasets)
     info = backbones.machine()
     print(f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}; {opts}", file=sys.stderr)
-    rows = [run_row(d, o, args.out_dir, reuse=args.reuse, log=lambda m: print(m, file=sys.stderr),
-                    **{**opts, "minutes": m})
-            for d in args.datasets for m in opts["minutes"] for o in args.objectives]
+    rows = []
+    for d in args.datasets:
+        for m in opts["minutes"]:
+            for o in args.objectives:
+                rows.append(run_row(d, o, args.out_dir, reuse=args.reuse, log=lambda s: print(s, file=sys.stderr),
+                                    **{**opts, "minutes": m}))
+                if args.json:  # after every row, so a stopped run keeps what it measured
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps({**info, "options": opts, "anchors": ANCHORS,
+                                                           "goal": GOAL, "rows": rows}, indent=2))
     print(format_table(rows))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**info, "options": opts, "anchors": ANCHORS, "goal": GOAL,
-                                               "rows": rows}, indent=2))
     return 0
 
 

@@ -99,7 +99,7 @@ def test_likelihoods_are_those_of_the_evaluate_report(bench, mnist_path):
     assert "bpd_ode" not in lb.likelihoods(den, "mnist", eval_images=3, ode_images=0)
 
 
-def test_quick_row_end_to_end_and_reuse(bench, tmp_path, feature_net):
+def test_quick_row_end_to_end_and_reuse(bench, tmp_path, feature_net, capsys):
     """One --quick VDM row on MNIST: trained within its CPU budget, its ELBO, ODE and FD reported; then --reuse
     takes the run's checkpoint instead of training again."""
     lb = bench("likelihood")
@@ -108,6 +108,9 @@ def test_quick_row_end_to_end_and_reuse(bench, tmp_path, feature_net):
             "--vlb-steps", "0", "--threads", "1", "--out-dir", str(tmp_path / "runs"), "--json", str(out)]
     assert lb.main(args) == 0
     row, = json.loads(out.read_text())["rows"]
+    err = capsys.readouterr().err  # each measurement says what it found as it goes
+    assert f"mnist vdm 0.05 min: bound {row['bpd_bound']:.3f} +- {row['bpd_bound_se']:.3f}, ODE" in err
+    assert "ddpm/50 FD" in err
     assert row["kind"] == "vdm" and not row["reused"] and 1 <= row["steps"] <= row["planned_steps"]
     step_seconds = 64 / row["step_images_per_s"]                        # batch 64 at the timed rate
     assert row["budget_seconds"] <= 0.05 * 60 + 2 * step_seconds         # stopped at the CPU budget (or the cap)
@@ -120,3 +123,23 @@ def test_quick_row_end_to_end_and_reuse(bench, tmp_path, feature_net):
     path, info = lb.train_row("mnist", "vdm", str(tmp_path / "runs"), 0.05, timed_steps=1, reuse=True,
                               log=lambda m: None)
     assert path == ckpt and info["reused"] and info["steps"] == row["steps"] and ckpt.stat().st_mtime_ns == stamp
+
+
+def test_json_keeps_the_rows_measured_before_a_failure(bench, tmp_path, monkeypatch):
+    """--json is written after every row: a run stopped in its second row keeps the first one's figures."""
+    lb = bench("likelihood")
+    monkeypatch.setattr(lb.backbones, "check_feature_nets", lambda datasets: None)
+    seen = []
+
+    def run_row(dataset, objective, out_dir, **kw):
+        seen.append(objective)
+        if len(seen) == 2:
+            raise RuntimeError("stopped in the second row")
+        return {"dataset": dataset, "objective": objective, "minutes": kw["minutes"], "bpd_bound": 1.5}
+
+    monkeypatch.setattr(lb, "run_row", run_row)
+    out = tmp_path / "bench.json"
+    with pytest.raises(RuntimeError, match="second row"):
+        lb.main(["--quick", "--datasets", "mnist", "--objectives", "simple", "hybrid", "--json", str(out)])
+    assert seen == ["simple", "hybrid"]
+    assert [(r["objective"], r["bpd_bound"]) for r in json.loads(out.read_text())["rows"]] == [("simple", 1.5)]
