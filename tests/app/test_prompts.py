@@ -17,7 +17,7 @@ from torchdiffusion.text_encoder import TextEncoderMissing, encoder, install_com
 from torchdiffusion.training import Trainer
 
 TEXT = ["captions.enabled=true", "model.unet.context_dim=384", "model.unet.cross_attn_resolutions=[14]",
-        "model.unet.context_global=true",  # as the mnist-text preset
+        "model.unet.context_global=true",  # the global caption vector through train, checkpoint and sample
         "diffusion.objective.cond_drop_prob=0.25", "data.subset=256", "train.steps=6", "train.ckpt_every=3",
         "train.batch_size=16"]
 PROMPTS = ["a thick slanted seven", "a thin one"]
