@@ -193,6 +193,12 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def write_json(path, data: dict) -> None:
+    """Write a benchmark's results to `path` as indented JSON, making its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2))
+
+
 def machine() -> dict:
     model = platform.processor()
     with contextlib.suppress(OSError):
@@ -251,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             for d in args.datasets for b in args.backbones]
     print(format_table(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**info, "options": opts, "rows": rows}, indent=2))
+        write_json(args.json, {**info, "options": opts, "rows": rows})
     return 0
 
 

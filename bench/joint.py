@@ -18,7 +18,6 @@ it, on MNIST or Fashion-MNIST. Then:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -162,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, run_info = run(opts, args.dataset, args.checkpoint, args.out_dir, log=lambda m: print(m, file=sys.stderr))
     print(format_table(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**info, **run_info, "options": opts, "rows": rows}, indent=2))
+        backbones.write_json(args.json, {**info, **run_info, "options": opts, "rows": rows})
     return 0
 
 

@@ -52,7 +52,6 @@ The data set needs its feature network in the cache (``torchdiffusion train-feat
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -314,9 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run_row(d, o, args.out_dir, reuse=args.reuse, log=lambda s: print(s, file=sys.stderr),
                                     **{**opts, "minutes": m}))
                 if args.json:  # after every row, so a stopped run keeps what it measured
-                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.json).write_text(json.dumps({**info, "options": opts, "anchors": ANCHORS,
-                                                           "goal": GOAL, "rows": rows}, indent=2))
+                    backbones.write_json(args.json, {**info, "options": opts, "anchors": ANCHORS, "goal": GOAL,
+                                                     "rows": rows})
     print(format_table(rows))
     return 0
 

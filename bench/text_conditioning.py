@@ -17,7 +17,6 @@ when measured with the same rule (for the class model, which never sees them, th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -157,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                log=lambda m: print(m, file=sys.stderr))
     print(format_table(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**info, "options": opts, "rows": rows}, indent=2))
+        backbones.write_json(args.json, {**info, "options": opts, "rows": rows})
     return 0
 
 
