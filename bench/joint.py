@@ -39,25 +39,25 @@ backbones = load_bench("backbones", BENCH)  # its machine() describes the run
 
 PRESET = "mnist-joint"
 UNBOUNDED_STEPS = 1_000_000     # the budget, not a step count, ends the run (lr decays over the time)
-ONESHOT_SIGMAS = (0.1, 0.5, 1.0)
+ONESHOT_SIGMAS = (0.5, 1.0, 1.5, 2.0)
 QUICK = {"minutes": 0.15, "n_test": 40, "draws": 1, "gen": 100, "steps": 8, "resample": 2, "floor_draws": 2,
          "bootstrap": 10, "subset": 2048}
 KEYS = ("accuracy", "fd", "fd_floor", "fd_ratio", "fd_ratio_std")
 
 
-def run_config(dataset: str, minutes: float, out_dir: str, subset: int | None):
+def run_config(dataset: str, minutes: float, out_dir: str, subset: int | None, overrides=()):
     """The preset on `dataset` for `minutes` of CPU time (train.clock=cpu), the learning rate over that time, the
-    preset's warm-up share kept."""
+    preset's warm-up share kept; `overrides` (key=value) last."""
     base = load_config(PRESET).train
     warmup = round(base.warmup_steps / base.steps * UNBOUNDED_STEPS)
     over = [f"data.dataset={dataset}", f"train.max_minutes={minutes}", f"train.steps={UNBOUNDED_STEPS}",
             f"train.warmup_steps={warmup}", "train.lr_schedule_over=time", "train.clock=cpu", f"out_dir={out_dir}",
             f"name={PRESET}-{dataset}-{minutes:g}min"]
-    return load_config(PRESET, over + ([f"data.subset={subset}"] if subset else []))
+    return load_config(PRESET, over + ([f"data.subset={subset}"] if subset else []) + list(overrides))
 
 
-def train_model(dataset: str, minutes: float, out_dir: str, subset, log=print) -> tuple[Path, dict]:
-    cfg = run_config(dataset, minutes, out_dir, subset)
+def train_model(dataset: str, minutes: float, out_dir: str, subset, log=print, overrides=()) -> tuple[Path, dict]:
+    cfg = run_config(dataset, minutes, out_dir, subset, overrides)
     log(f"training {cfg.name} for {minutes} min")
     fit = Trainer(cfg, progress=False, log_lines=True, resume=False).fit()
     return cfg.run_dir / "checkpoints" / "last.safetensors", {"steps": fit["steps"],
@@ -120,7 +120,8 @@ def format_table(rows: list) -> str:
 def run(opts: dict, dataset: str, checkpoint: str, out_dir: str, log=print) -> tuple[list, dict]:
     info = {}
     if not checkpoint:
-        checkpoint, info = train_model(dataset, opts["minutes"], out_dir, opts.get("subset"), log)
+        checkpoint, info = train_model(dataset, opts["minutes"], out_dir, opts.get("subset"), log,
+                                       opts.get("set", ()))
     den, cfg = load_joint(checkpoint)
     test = make_dataset(cfg.data.dataset, split="test")
     images, labels = test.batch(torch.arange(opts["n_test"]))
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor-draws", type=int, default=5, help="real floor sets per evaluation")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FD spread")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of the preset (e.g. joint.label_weight=10)")
     p.add_argument("--quick", action="store_true", help=f"smoke setting: {QUICK}")
     p.add_argument("--out-dir", default="outputs/bench_joint", help="where the run goes")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     opts = {"minutes": args.minutes, "n_test": args.n_test, "draws": args.draws, "gen": args.gen,
             "steps": args.steps, "resample": args.resample, "floor_draws": args.floor_draws,
-            "bootstrap": args.bootstrap, "subset": None}
+            "bootstrap": args.bootstrap, "subset": None, "set": list(args.set)}
     if args.quick:
         opts.update(QUICK)
     info = backbones.machine()

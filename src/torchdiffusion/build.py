@@ -16,6 +16,7 @@ A run's ``task`` says what it trains; each task pairs a wrapper of the raw netwo
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,17 @@ TASKS["series"] = dataclasses.replace(  # a denoiser of series windows (docs/tim
     TASKS["denoiser"], kinds=("unet1d", "dit1d"), configure=lambda cfg, data: series_config(cfg, data))
 TASKS["joint"] = dataclasses.replace(  # one denoiser of packed (image, label) pairs (docs/conditioning.md)
     TASKS["denoiser"], kinds=("unet",),
-    wrap=lambda net, schedule, cfg: PlaneMean(denoiser_module(net, schedule, cfg), joint_image_channels(cfg)))
+    wrap=lambda net, schedule, cfg: joint_module(net, schedule, cfg))
+
+
+def joint_module(net: nn.Module, schedule: Schedule, cfg: RunConfig) -> PlaneMean:
+    """The joint task's denoiser: PlaneMean over the Precond, with the label planes' readout (joint.readout) and
+    loss weight (joint.label_weight)."""
+    size = net_config(cfg).image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    readout = math.sqrt(h * w) if cfg.joint.readout == "scaled" else None
+    return PlaneMean(denoiser_module(net, schedule, cfg), joint_image_channels(cfg), readout=readout,
+                     label_weight=cfg.joint.label_weight)
 
 
 def joint_image_channels(cfg: RunConfig) -> int:

@@ -275,6 +275,8 @@ def upgrade_config(d: dict) -> dict:
         d.setdefault("task", "noisy_classifier")
     if model:
         d["model"] = model
+    if d.get("task") == "joint" and "readout" not in (d.get("joint") or {}):  # written before joint.readout
+        d["joint"] = {**(d.get("joint") or {}), "readout": "planes"}
     sample = d.get("sample")
     if earlier and isinstance(sample, dict) and sample.get("guidance", "none") == "none" \
             and sample.get("guidance_scale", 1.0) != 1.0:
@@ -340,6 +342,10 @@ def check_joint(cfg: RunConfig) -> None:
         raise ValueError("a joint run draws no sample grids or evaluations while it trains (its samples are pairs): "
                          "set train.sample_every=0 and train.eval_every=0; bench/joint.py measures the model")
     check_joint_config(cfg.joint, net.in_channels)
+    obj = cfg.diffusion.objective
+    if cfg.joint.label_weight != 1.0 and (obj.kind != "simple" or obj.mask_ratio > 0):
+        raise ValueError(f"joint.label_weight weights the simple loss; diffusion.objective.kind={obj.kind!r} "
+                         f"(mask_ratio {obj.mask_ratio}) does not take it: set joint.label_weight=1 or kind=simple")
 
 
 # fields with a lowest allowed value: dotted name -> (lowest value, what the field means)

@@ -35,7 +35,7 @@ from .objectives import low_res_condition
 from .precond import DenoiserTransform
 from .sampling import SampleConfig, generate, get_sampler, plan_sampling
 from .sampling.core import expand_sigma, levels, to_d
-from .utils import check_choice, hash_seed, randn, randn_like, sample_generators, slerp
+from .utils import append_dims, check_choice, hash_seed, randn, randn_like, sample_generators, slerp
 
 # Samplers whose step over [sigma, sigma'] depends only on (x, sigma, sigma'): they can be run one interval at a
 # time with a projection in between. Multistep samplers (dpmpp_2m/3m, unipc, ...) would lose their history.
@@ -112,21 +112,48 @@ class PlaneMean(DenoiserTransform):
 
     P is the orthogonal projection onto constant planes. For data that lie there (a packed (image, label) pair,
     data.joint.pack_pair) the exact denoiser E[z0 | z] lies there too, so P leaves it unchanged and can only lower
-    the error of a learned one; the trainer trains P D (docs/conditioning.md)."""
+    the error of a learned one; the trainer trains P D (docs/conditioning.md).
 
-    def __init__(self, inner, channels: int):
+    `readout` s (None: off) shows the inner denoiser the planes as s times their plane means and reads its planes
+    back divided by s: D'(z) = S^-1 P D(S P z) on the planes, S = s on them and 1 on the image channels. With
+    s = sqrt(H W) a packed label value y_k / sqrt(H W) per pixel reaches the network as y_k + sigma n_k in every
+    pixel (the noise off the constant planes, which carries nothing about the data, is dropped), and the network's
+    plane means are the label block's output at the image's scale. `label_weight` w is the weight of the planes'
+    squared error in the loss (:meth:`loss_weights`), 1 on the image channels."""
+
+    def __init__(self, inner, channels: int, *, readout: float | None = None, label_weight: float = 1.0):
         super().__init__(inner)
+        if readout is not None and not readout > 0:
+            raise ValueError(f"readout must be a positive scale or None, got {readout}")
+        if not label_weight > 0:
+            raise ValueError(f"label_weight must be positive, got {label_weight}")
         self.channels = int(channels)  # the image channels; those after them are constant planes
+        self.readout = readout
+        self.label_weight = float(label_weight)
 
     @property
     def net(self):
         """The wrapped denoiser's network (what checkpoints hold)."""
         return self.inner.net
 
+    def planes(self, z: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """z with its planes replaced by scale times their plane means."""
+        means = z[:, self.channels:].mean((-2, -1), keepdim=True) * scale
+        return torch.cat([z[:, :self.channels], means.expand_as(z[:, self.channels:])], 1)
+
     def forward(self, x, sigma, **cond):
-        out = self.inner(x, sigma, **cond)  # (N, C + K, H, W)
-        planes = out[:, self.channels:].mean((-2, -1), keepdim=True).expand_as(out[:, self.channels:])
-        return torch.cat([out[:, :self.channels], planes], 1)
+        if self.readout is None:
+            return self.planes(self.inner(x, sigma, **cond))  # (N, C + K, H, W)
+        return self.planes(self.inner(self.planes(x, self.readout), sigma, **cond), 1.0 / self.readout)
+
+    def loss_weights(self, x0: torch.Tensor) -> torch.Tensor | None:
+        """Per-channel weights (1, C + K, 1, 1) of the squared error (DiffusionObjective); None when all are 1. Any
+        positive weights keep the loss's minimiser, E[z0 | z], and set how much each block's error counts."""
+        if self.label_weight == 1.0:
+            return None
+        w = torch.ones(x0.shape[1], device=x0.device, dtype=x0.dtype)
+        w[self.channels:] = self.label_weight
+        return append_dims(w[None], x0.ndim)
 
 
 # ------------------------------------------------------------------------------------ constrained sampling

@@ -161,6 +161,14 @@ class DiffusionObjective:
             return snr.clamp(max=self.cfg.min_snr_gamma) * out_scale**2
         return self.vlb_weight_x0(sigma) * out_scale**2
 
+    @staticmethod
+    def element_weights(denoiser, x0: torch.Tensor) -> torch.Tensor | None:
+        """Weights of the elementwise loss that the denoiser declares (`loss_weights(x0)`, broadcastable to x0;
+        edit.PlaneMean's label_weight), or None. They weight the simple loss only: kinds vlb, hybrid and vdm and
+        masked training refuse them (config.check_joint)."""
+        fn = getattr(denoiser, "loss_weights", None)
+        return fn(x0) if fn is not None else None
+
     def elementwise(self, err: torch.Tensor) -> torch.Tensor:
         if self.cfg.loss == "l2":
             return err**2
@@ -225,7 +233,10 @@ class DiffusionObjective:
         out_scale = self.out_scale(denoiser, sigma)
         err = (denoised - x0) / append_dims(out_scale, x0.ndim)
         if mask is None:
-            return self.elementwise(err).flatten(1).mean(1) * self.weight(sigma, out_scale)
+            per = self.elementwise(err)
+            weights = self.element_weights(denoiser, x0)
+            per = per if weights is None else per * weights
+            return per.flatten(1).mean(1) * self.weight(sigma, out_scale)
         kept = ~mask
         per = _patch_means(self.elementwise(err), self.patch_size)  # (N, L)
         loss = (per * kept).sum(1) / kept.sum(1) * self.weight(sigma, out_scale)  # (N,)

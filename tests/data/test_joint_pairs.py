@@ -10,9 +10,12 @@ from torchdiffusion.app.joint import classify, label_oneshot
 from torchdiffusion.data import GaussianMixture, TensorImageDataset
 from torchdiffusion.data.joint import (JointConfig, JointGaussian, JointImageLabel, encode_labels, pack_pair,
                                        pair_mask, random_joint_gaussian, unpack_pair)
+from torchdiffusion.config import ConfigError, load_config, upgrade_config
 from torchdiffusion.edit import PlaneMean, impute
+from torchdiffusion.objectives import DiffusionObjective
+from torchdiffusion.precond import Precond
 from torchdiffusion.sampling import get_sigmas
-from torchdiffusion.schedules import EDMSchedule
+from torchdiffusion.schedules import EDMSchedule, get_schedule
 
 C, H, W, K = 1, 2, 2, 3  # a 2x2 one-channel "image" and 3 classes: the packed pair has (1 + 3) x 2 x 2 values
 X_DIM = C * H * W
@@ -71,6 +74,92 @@ def test_packed_gaussian_denoiser_is_the_wiener_filter_of_the_packed_law():
         a = cov + sigma[i] ** 2 * torch.eye(len(mu), dtype=torch.float64)
         want = mu + cov @ torch.linalg.solve(a, z[i].flatten() - mu)
         torch.testing.assert_close(got[i], want, rtol=1e-9, atol=1e-9)
+
+
+class Spy(torch.nn.Module):
+    """A denoiser that records its input and returns a fixed output."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.seen = out, None
+
+    def forward(self, z, sigma, **_):
+        self.seen = z.clone()
+        return self.out.to(z)
+
+
+def test_readout_shows_each_label_value_in_every_pixel_and_reads_plane_means_back():
+    """readout sqrt(H W): the inner denoiser sees the image channels unchanged and label plane k filled with the
+    pair's noisy label value y_k + sigma n_k (= unpack_pair's coordinate) in every pixel; its label output, any
+    tensor, comes back as the packed plane of its plane mean, so the pair's label output is that mean itself."""
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(4, C, H, W, generator=g, dtype=torch.float64), torch.randn(4, K, generator=g,
+                                                                                  dtype=torch.float64)
+    z = pack_pair(x, y) + 0.7 * torch.randn(4, C + K, H, W, generator=g, dtype=torch.float64)
+    out = torch.randn(4, C + K, H, W, generator=g, dtype=torch.float64)
+    spy = Spy(out)
+    got = PlaneMean(spy, C, readout=math.sqrt(H * W))(z, torch.full((4,), 0.7))
+    zx, zy = unpack_pair(z, K)
+    torch.testing.assert_close(spy.seen[:, :C], zx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(spy.seen[:, C:], zy[:, :, None, None].expand(4, K, H, W), rtol=1e-12, atol=1e-12)
+    gx, gy = unpack_pair(got, K)
+    torch.testing.assert_close(gx, out[:, :C], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gy, out[:, C:].mean((-2, -1)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, PlaneMean(lambda v, s: v, C)(got, None), rtol=1e-12, atol=1e-12)  # on P's range
+
+
+def test_readout_is_a_change_of_coordinates_of_the_exact_denoiser():
+    """The exact denoiser of the pair written in the readout's coordinates (label block scaled by s), G(u) =
+    S E D(E^T S^-1 u), read through PlaneMean(readout=s) is the packed exact denoiser E D(E^T z) again: the readout
+    changes what a network must compute, not what the denoiser is."""
+    j = random_joint_gaussian(X_DIM, K, seed=3)
+    s = math.sqrt(H * W)
+
+    def scaled(u, sigma):
+        return PlaneMean(Packed(j), C, readout=1 / s)(u, sigma)  # S E D(E^T S^-1 u) on the constant planes
+
+    z = torch.randn(3, C + K, H, W, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 2
+    sigma = torch.tensor([0.05, 0.7, 4.0], dtype=torch.float64)
+    want = PlaneMean(Packed(j), C)(z, sigma)
+    torch.testing.assert_close(PlaneMean(scaled, C, readout=s)(z, sigma), want, rtol=1e-9, atol=1e-9)
+
+
+def test_label_weight_weights_the_label_block_of_the_loss():
+    """With joint.label_weight w the simple loss per sample is (|e_x|^2 + w |e_y|^2) / numel times the weighting,
+    e the error in the network's output space, computed here by hand from the same sigma and noise."""
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(5, C, H, W, generator=g), torch.randn(5, K, generator=g)
+    z0 = pack_pair(x, y)
+    sigma, noise = torch.rand(5, generator=g) + 0.2, torch.randn(5, C + K, H, W, generator=g)
+    net = lambda v, t, **_: 0.3 * v.flip(-1)  # an arbitrary "network" (eps prediction)
+    sched = get_schedule("linear")
+    objective = DiffusionObjective(sched, weighting="uniform")
+    base = PlaneMean(Precond(net, sched, "eps"), C)
+    weighted = PlaneMean(Precond(net, sched, "eps"), C, label_weight=4.0)
+    got = objective.per_sample(weighted, z0, sigma=sigma, noise=noise)
+    err = (base(z0 + sigma[:, None, None, None] * noise, sigma) - z0) / sigma[:, None, None, None]  # eps error
+    ex, ey = unpack_pair(err, K)
+    want = (ex.flatten(1).pow(2).sum(1) + 4.0 * ey.pow(2).sum(1)) / z0[0].numel()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    unweighted = objective.per_sample(base, z0, sigma=sigma, noise=noise)
+    torch.testing.assert_close(unweighted, (ex.flatten(1).pow(2).sum(1) + ey.pow(2).sum(1)) / z0[0].numel(),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_joint_options_are_checked_and_old_checkpoints_keep_their_readout():
+    with pytest.raises(ConfigError, match="'scaled', 'planes'"):
+        load_config("mnist-joint", ["joint.readout=flat"])
+    with pytest.raises(ConfigError, match="label_weight must be a positive"):
+        load_config("mnist-joint", ["joint.label_weight=0"])
+    with pytest.raises(ConfigError, match="weights the simple loss"):
+        load_config("mnist-joint", ["joint.label_weight=5", "diffusion.objective.kind=hybrid",
+                                    "model.unet.learn_sigma=true"])
+    with pytest.raises(ValueError, match="positive"):
+        PlaneMean(lambda v, s: v, C, readout=0.0)
+    old = {"task": "joint", "joint": {"classes": 10, "label_scale": 2.0}}
+    assert upgrade_config(old)["joint"]["readout"] == "planes"  # written before the option: the first design
+    assert upgrade_config({"task": "joint", "joint": {"readout": "scaled"}})["joint"]["readout"] == "scaled"
+    assert load_config("mnist-joint").joint.readout == "scaled"
 
 
 @pytest.mark.parametrize("given", ["x", "y"])

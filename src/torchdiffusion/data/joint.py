@@ -101,12 +101,22 @@ class JointConfig:
     """Task joint: one diffusion over z = (x, y), the image and its label as a scaled one-hot (docs/conditioning.md)."""
     classes: int = 10               # label block: one value per class, packed as that many constant image planes
     label_scale: float = 1.0        # y = label_scale * (2 onehot - 1): 1 puts each label value in the pixels' range
+    readout: str = "scaled"         # scaled: the network sees each label value at the pixels' scale in every pixel
+                                    # of its plane (edit.PlaneMean readout sqrt(H W)); planes: the packed planes as
+                                    # they are, y_k / sqrt(H W) per pixel (checkpoints written before the option)
+    label_weight: float = 1.0       # weight of the label block's squared error against the image's (simple loss)
+
+
+READOUTS = ("scaled", "planes")
 
 
 def check_joint_config(c: JointConfig, in_channels: int) -> None:
     if c.classes < 2 or not math.isfinite(c.label_scale) or c.label_scale <= 0:
         raise ValueError(f"joint.classes must be at least 2 and joint.label_scale a positive number, got "
                          f"{c.classes}, {c.label_scale}")
+    check_choice("joint.readout", c.readout, READOUTS)
+    if not math.isfinite(c.label_weight) or c.label_weight <= 0:
+        raise ValueError(f"joint.label_weight must be a positive number, got {c.label_weight}")
     if in_channels <= c.classes:
         raise ValueError(f"a joint model's network takes the image channels plus joint.classes={c.classes} label "
                          f"planes: set model.unet.in_channels to image channels + {c.classes} (e.g. {1 + c.classes})")
