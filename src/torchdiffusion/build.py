@@ -40,6 +40,7 @@ from .latent.codec import SCALE_EXAMPLES, LatentCodec, LatentDataset, cache_key,
 from .latent.objective import AutoencoderModule, AutoencoderObjective
 from .latent.perceptual import perceptual_distance
 from .nets import NETS, TextTransformerConfig
+from .nets.unet import _pair
 from .objectives import LEARNED_VARIANCE_KINDS, ClassifierObjective, DiffusionObjective
 from .precond import DenoiserTransform, Precond, SigmaClassifier
 from .sampling import get_sampler
@@ -116,8 +117,7 @@ TASKS["joint"] = dataclasses.replace(  # one denoiser of packed (image, label) p
 def joint_module(net: nn.Module, schedule: Schedule, cfg: RunConfig) -> PlaneMean:
     """The joint task's denoiser: PlaneMean over the Precond, with the label planes' readout (joint.readout) and
     loss weight (joint.label_weight)."""
-    size = net_config(cfg).image_size
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = _pair(net_config(cfg).image_size)
     readout = math.sqrt(h * w) if cfg.joint.readout == "scaled" else None
     return PlaneMean(denoiser_module(net, schedule, cfg), joint_image_channels(cfg), readout=readout,
                      label_weight=cfg.joint.label_weight)
